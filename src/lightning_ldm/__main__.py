@@ -1,0 +1,22 @@
+"""``python -m lightning_ldm stage=<stage> [overrides]``: compose the config, check it, run the stage's task."""
+
+import hydra
+from omegaconf import DictConfig
+
+from lightning_ldm.cli import CONFIG_DIR, exit_on_user_error, run_reporting_errors
+from lightning_ldm.config.validate import validate_config
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def _main(cfg: DictConfig):
+    with exit_on_user_error():
+        validate_config(cfg)
+        return hydra.utils.get_method(cfg.task.run)(cfg)
+
+
+def main() -> None:
+    run_reporting_errors(_main)
+
+
+if __name__ == "__main__":
+    main()

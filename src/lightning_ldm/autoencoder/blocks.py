@@ -1,0 +1,92 @@
+"""Building blocks of the stage-1 encoder and decoder (paper Sec. 3.1, App. G).
+
+Submodule names (norm1, conv1, nin_shortcut, q, k, v, proj_out, ...) follow the layout of the released LD
+first-stage checkpoints, so their state dicts map onto these modules key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def Normalize(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups and eps 1e-6, the normalisation used throughout the LD autoencoders."""
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block: (GN, SiLU, 3x3 conv) twice, with a 1x1 shortcut when channels change."""
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = self.nin_shortcut(x) if self.in_channels != self.out_channels else x
+        return shortcut + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention over all H*W positions, with a residual connection.
+
+    Uses scaled_dot_product_attention (softmax(q k^T / sqrt(C)) v) so that fused kernels avoid materialising
+    the (HW)^2 attention matrix at the 64^2 mid resolution of an f4 model.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        normed = self.norm(x)
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 1 head, HW, C)
+            return t.reshape(b, 1, c, h * w).transpose(-1, -2)
+
+        out = F.scaled_dot_product_attention(tokens(self.q(normed)), tokens(self.k(normed)), tokens(self.v(normed)))
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv after padding only right and bottom by one pixel.
+
+    The asymmetric (0, 1, 0, 1) pad keeps output pixel (i, j) aligned with input pixels 2i..2i+2, 2j..2j+2, as
+    in the released LD weights; symmetric padding would shift every feature by half a pixel.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour repetition followed by a 3x3 conv (no transposed-conv artefacts)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

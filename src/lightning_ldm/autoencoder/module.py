@@ -1,0 +1,151 @@
+"""Stage 1 training: the perceptual autoencoder with manual optimisation of generator and discriminator.
+
+Both optimisers step on every batch once the discriminator is active (as the reference LD code does; SGM
+alternates batches instead). Before ``disc_start`` only the generator runs: no discriminator forward, no
+adaptive-weight gradients. Gradient accumulation and clipping are done here by hand because Lightning does
+neither under manual optimisation.
+"""
+
+from typing import Optional
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from lightning_ldm.autoencoder.model import Autoencoder
+from lightning_ldm.errors import ConfigError
+from lightning_ldm.losses.autoencoder_loss import AutoencoderLoss
+from lightning_ldm.training.base import StepCountingModule
+from lightning_ldm.training.images import log_image_grid
+
+
+class AutoencoderModule(StepCountingModule):
+    def __init__(
+        self,
+        *,
+        autoencoder: Autoencoder,
+        loss: AutoencoderLoss,
+        max_steps: int = 1000,
+        lr: float = 4.5e-6,
+        adam_betas: tuple[float, float] = (0.5, 0.9),
+        accumulate_grad_batches: int = 1,
+        grad_clip_norm: Optional[float] = None,
+        sample_posterior: bool = True,
+        image_log_every: int = 500,
+        num_log_images: int = 8,
+    ) -> None:
+        super().__init__(max_steps)
+        if accumulate_grad_batches < 1:
+            raise ConfigError(f"module.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.autoencoder = autoencoder
+        self.loss = loss
+        self.lr = lr  # absolute: the optimiser uses exactly this value, whatever the batch or device count
+        self.adam_betas = tuple(adam_betas)
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.grad_clip_norm = grad_clip_norm
+        self.sample_posterior = sample_posterior
+        self.image_log_every = image_log_every
+        self.num_log_images = num_log_images
+        self.automatic_optimization = False
+        self._logged_image_step = -1
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        f = self.autoencoder.downsampling_factor
+        if datamodule.image_size % f:
+            raise ConfigError(
+                f"data.image_size={datamodule.image_size} is not divisible by the autoencoder's downsampling "
+                f"factor f={f}; choose an image size that is a multiple of {f}"
+            )
+        if datamodule.channels != self.autoencoder.config["in_channels"]:
+            raise ConfigError(
+                f"data has {datamodule.channels} channels but autoencoder.in_channels="
+                f"{self.autoencoder.config['in_channels']}"
+            )
+
+    def configure_optimizers(self):
+        generator = list(self.autoencoder.parameters()) + list(self.loss.generator_parameters())
+        opt_g = torch.optim.Adam(generator, lr=self.lr, betas=self.adam_betas)
+        opt_d = torch.optim.Adam(self.loss.discriminator_parameters(), lr=self.lr, betas=self.adam_betas)
+        return [opt_g, opt_d]
+
+    def on_fit_start(self) -> None:
+        world = self.trainer.world_size
+        batch = getattr(self.trainer.datamodule, "batch_size", None)
+        if self.trainer.is_global_zero:
+            global_batch = f"{batch} x {world} device(s) x {self.accumulate_grad_batches} accumulation" if batch else "?"
+            print(f"Stage 1: lr {self.lr:g} (absolute, not scaled by batch); global batch {global_batch}; "
+                  f"discriminator from batch {self.loss.disc_start}; "
+                  f"LPIPS {'on' if self.loss.uses_lpips else 'off (perceptual_weight=0)'}")
+
+    # ----------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        opt_g, opt_d = self.optimizers()
+        step = self.batch_step
+        steps_now = (step + 1) % self.accumulate_grad_batches == 0
+
+        # Generator. toggle_optimizer freezes the discriminator so g_loss cannot leave gradients in it.
+        self.toggle_optimizer(opt_g)
+        out = self.autoencoder(x, sample_posterior=self.sample_posterior)
+        g_loss, g_logs = self.loss.generator_loss(
+            x, out.reconstruction, out.regularization_loss, self.autoencoder.regularizer,
+            self.autoencoder.last_layer(), step)
+        self.check_finite(g_loss, "generator")
+        self.manual_backward(g_loss / self.accumulate_grad_batches)
+        if steps_now:
+            self._step(opt_g)
+        self.untoggle_optimizer(opt_g)
+
+        logs = {**g_logs, **out.log}
+        if self.loss.discriminator_active(step):
+            self.toggle_optimizer(opt_d)
+            d_loss, d_logs = self.loss.discriminator_loss(x, out.reconstruction.detach(), step)
+            self.check_finite(d_loss, "discriminator")
+            self.manual_backward(d_loss / self.accumulate_grad_batches)
+            if steps_now:
+                self._step(opt_d)
+            self.untoggle_optimizer(opt_d)
+            logs.update(d_logs)
+
+        shown = logs.pop("rec_loss")
+        self.log("train/rec_loss", shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
+                      batch_size=x.shape[0])
+        self.log_learning_rates({"g": opt_g.optimizer, "d": opt_d.optimizer})
+        if self.image_log_every and step % self.image_log_every == 0 and self.trainer.is_global_zero:
+            self._log_reconstructions(x, out.reconstruction, "train/reconstructions")
+
+    def _step(self, optimizer) -> None:
+        if self.grad_clip_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # ----------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        out = self.autoencoder(x, sample_posterior=False)
+        x_hat = out.reconstruction.float().clamp(-1, 1)
+        x01, xhat01 = (x.float() + 1) / 2, (x_hat + 1) / 2
+        metrics = {
+            "rec_loss": (x.float() - x_hat).abs().mean(),
+            "psnr": peak_signal_noise_ratio(xhat01, x01, data_range=1.0),
+            "ssim": structural_similarity_index_measure(xhat01, x01, data_range=1.0),
+        }
+        if self.loss.uses_lpips:
+            metrics["lpips"] = self.loss.perceptual_distance(x, x_hat).mean()
+        metrics.update({k: v for k, v in out.log.items()})
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, on_epoch=True, sync_dist=True,
+                      batch_size=x.shape[0])
+        if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._log_reconstructions(x, x_hat, "val/reconstructions")
+
+    def _log_reconstructions(self, x: torch.Tensor, x_hat: torch.Tensor, key: str) -> None:
+        n = min(self.num_log_images, x.shape[0])
+        # Row pairs: originals on top, reconstructions below.
+        pairs = torch.cat([x[:n].float(), x_hat[:n].float()])
+        log_image_grid(self.trainer, key, pairs, nrow=n, step=self.batch_step,
+                       caption="top: input, bottom: reconstruction")

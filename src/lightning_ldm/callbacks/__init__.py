@@ -1,0 +1,1 @@
+"""Lightning callbacks that lightning_ldm configs attach (see conf/callbacks/)."""

@@ -1,0 +1,70 @@
+"""Typed schema of the top level of the config.
+
+Everything below the top level that Hydra instantiates (a node with ``_target_``) is typed by the target's
+constructor signature instead (see ``validate.py``): the constructor is the schema, so the yaml maps to code
+in one hop and the two can never drift apart.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    output_root: str = "outputs"  # every run directory lives below this
+    run_dir: str = "."  # filled from Hydra's run directory
+
+
+@dataclass
+class TaskConfig:
+    name: str = "autoencoder"  # which stage this is; names run directories and exports
+    run: str = "lightning_ldm.tasks.train.fit"  # function(cfg) that carries the stage out
+
+
+@dataclass
+class SampleConfig:
+    """``stage=sample`` (see conf/stage/sample.yaml for what each key means)."""
+
+    ckpt: Optional[str] = None
+    num_samples: int = 64
+    seed_start: int = 0
+    batch_size: int = 64
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "dpmpp_2m"
+    steps: int = 20
+    eta: Optional[float] = None
+    guidance_scale: float = 1.0
+    classes: Optional[list[int]] = None
+    use_ema: bool = True
+    format: Literal["png", "npz"] = "png"
+    output_dir: Optional[str] = None
+    grid_size: int = 64
+    accelerator: str = "auto"
+    devices: int = 1
+    precision: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    """Top-level keys. Groups that are instantiated (data, module, trainer, ...) are typed by their targets."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    max_steps: int = 1000  # training batches (our own counter, not Lightning's global_step)
+    run_name: str = "run"
+    resume: Optional[str] = None  # "auto" (last checkpoint of this run directory) or a checkpoint path
+    experiment_name: Optional[str] = None
+    tags: list = field(default_factory=list)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    # Instantiated groups: their keys are checked against the targets' signatures.
+    data: Any = None
+    unet: Any = None
+    schedule: Any = None
+    autoencoder: Any = None
+    loss: Any = None
+    module: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: Any = None
+    extras: Any = None

@@ -1,0 +1,306 @@
+"""Any folder or zip of images (the ImageFolder / StyleGAN-EDM zip layout), first-level subfolders as classes.
+
+Layout rules:
+- images are found recursively; extensions .png .jpg .jpeg .webp .bmp in any case; names starting with "."
+  and ``__MACOSX`` folders are ignored;
+- leading folders that wrap *every* image (``cifar10-train/airplane/...`` inside a zip) are stripped first;
+- then each first-level subfolder is a class, labels are indices of the sorted folder names (code-point order,
+  as torchvision's ImageFolder: CIFAR-10's folders give its standard label order);
+- images directly at the top with no subfolders: an unlabelled set, label 0, ``num_classes`` None; images both
+  at the top and in subfolders are ambiguous and rejected; ``use_labels=False`` ignores folders altogether
+  (e.g. FFHQ's 00000/, 01000/ chunks).
+"""
+
+import hashlib
+import io
+import os
+import zipfile
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lightning_ldm.data.base import ImageDataModule
+from lightning_ldm.data.transforms import PIL_MODES, center_crop_resize, pil_to_uint8
+from lightning_ldm.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+_WHOLE_READ_BYTES = 1 << 20
+
+
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _is_image(path: str) -> bool:
+    parts = path.split("/")
+    if any(part.startswith(".") or part == "__MACOSX" for part in parts):
+        return False
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class DirectoryStore:
+    """Image files under a directory, read by path relative to it (symlinked folders are followed)."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def entries(self) -> list[tuple[str, int, float]]:
+        """(member, size in bytes, mtime) of every image file."""
+        found = []
+        for folder, dirs, files in os.walk(self.root, followlinks=True):
+            dirs.sort()
+            relative = os.path.relpath(folder, self.root).replace(os.sep, "/")
+            for file in files:
+                member = file if relative == "." else f"{relative}/{file}"
+                if _is_image(member):
+                    stat = os.stat(os.path.join(folder, file))
+                    found.append((member, stat.st_size, stat.st_mtime))
+        return found
+
+    def open(self, member: str):
+        return open(os.path.join(self.root, member), "rb")
+
+    def describe(self, member: str) -> str:
+        return os.path.join(self.root, member)
+
+
+class ZipStore:
+    """Members of a zip archive. Each process opens its own ZipFile on first use: a handle inherited across
+    fork shares the file offset with the parent, so DataLoader workers must never use the parent's."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._handle: Optional[zipfile.ZipFile] = None
+        self._pid: Optional[int] = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None, "_pid": None}
+
+    def _zip(self) -> zipfile.ZipFile:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle, self._pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._handle
+
+    def entries(self) -> list[tuple[str, int, float]]:
+        """(member, uncompressed size, archive mtime) of every image file."""
+        mtime = os.stat(self.path).st_mtime
+        return [
+            (info.filename, info.file_size, mtime)
+            for info in self._zip().infolist()
+            if not info.is_dir() and _is_image(info.filename)
+        ]
+
+    def open(self, member: str):
+        archive = self._zip()
+        if archive.getinfo(member).file_size <= _WHOLE_READ_BYTES:
+            return io.BytesIO(archive.read(member))  # one read beats PIL's many small reads of a zip stream
+        return archive.open(member)
+
+    def describe(self, member: str) -> str:
+        return f"{self.path}:{member}"
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    if image.mode.startswith("I;16"):  # 16-bit greyscale: keep the top 8 bits instead of clipping at 255
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+    elif image.mode == "P":  # palette with transparency must pass through RGBA (PIL warns otherwise)
+        image = image.convert("RGBA")
+    return image if image.mode == mode else image.convert(mode)
+
+
+class ImageFiles:
+    """Image-file source: decodes, converts to ``mode``, centre-crops and resizes on every ``load``."""
+
+    def __init__(self, store, members: list[str], keys: list[str], labels: list[int], mode: str, image_size: int):
+        self.store, self.members, self.keys, self.labels = store, members, keys, labels
+        self.mode, self.image_size = mode, image_size
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def split_keys(self) -> list[str]:
+        return self.keys
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        member = self.members[index]
+        try:
+            with self.store.open(member) as file, Image.open(file) as image:
+                pixels = pil_to_uint8(center_crop_resize(_to_mode(image, self.mode), self.image_size))
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib and struct errors
+            raise DataError(
+                f"cannot decode image {self.store.describe(member)} ({_reason(error)}); "
+                "replace or delete it, or set data.on_corrupt=skip"
+            ) from None
+        return pixels, self.labels[index]
+
+    def find_corrupt(self) -> list[tuple[int, str]]:
+        """(index, description) of files whose header PIL cannot parse (Image.open + verify; no decoding)."""
+        corrupt = []
+        for index, member in enumerate(self.members):
+            try:
+                with self.store.open(member) as file, Image.open(file) as image:
+                    image.verify()
+            except Exception as error:
+                corrupt.append((index, f"{self.store.describe(member)} ({_reason(error)})"))
+        return corrupt
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Images from a folder or a .zip (see the module docstring for the layout rules).
+
+    Preprocessing: convert to ``channels`` (1 -> "L", 3 -> "RGB"), largest centred square, LANCZOS resize to
+    ``image_size`` (skipped when already that size), and a random horizontal flip for training only.
+    ``verify`` runs a header check of every file at setup; ``on_corrupt`` decides whether a bad file stops
+    the run or is dropped (by the check) or replaced by the next image (if decoding fails later).
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        image_size: int = 32,
+        channels: int = 3,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        val_fraction: float = 0.1,
+        flip: bool = True,
+        seed: int = 0,
+        on_corrupt: Literal["error", "skip"] = "error",
+        verify: bool = True,
+        use_labels: bool = True,
+    ):
+        if channels not in PIL_MODES:
+            raise ConfigError(f"data.channels must be 1 (greyscale) or 3 (RGB), got {channels}")
+        if on_corrupt not in ("error", "skip"):
+            raise ConfigError(f"data.on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+        super().__init__(
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            flip=flip,
+            seed=seed,
+            skip_corrupt=on_corrupt == "skip",
+        )
+        self.root = str(root)
+        self.channels = channels
+        self.on_corrupt = on_corrupt
+        self.verify = verify
+        self.use_labels = use_labels
+        base = os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(self.root))))
+        self.name = base[:-4] if base.lower().endswith(".zip") else base
+        self._files: Optional[ImageFiles] = None
+        self._classes: Optional[list[str]] = None
+        self._fingerprint = ""
+        self._total_bytes = 0
+        self._newest = 0.0
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        self._scan()
+        return None if self._classes is None else len(self._classes)
+
+    @property
+    def classes(self) -> Optional[list[str]]:
+        """Class folder names in label order, or None for an unlabelled set."""
+        self._scan()
+        return self._classes
+
+    def _store(self):
+        path = os.path.expanduser(self.root)
+        if not os.path.exists(path):
+            raise DataError(f"data root {self.root} does not exist; set data.root to a folder or .zip of images")
+        if os.path.isdir(path):
+            return DirectoryStore(path)
+        try:
+            store = ZipStore(path)
+            store._zip()
+            return store
+        except (zipfile.BadZipFile, OSError) as error:
+            reason = _reason(error)
+            raise DataError(f"data root {self.root} is neither a folder nor a readable zip ({reason})") from None
+
+    def _scan(self) -> ImageFiles:
+        """List the files once (no decoding): members, split keys, labels and the listing fingerprint."""
+        if self._files is not None:
+            return self._files
+        store = self._store()
+        entries = sorted(store.entries())
+        if not entries:
+            raise DataError(
+                f"no images found under {self.root} (accepted extensions: {' '.join(IMAGE_EXTENSIONS)}, any case)"
+            )
+        members = [member for member, _, _ in entries]
+        parts = [member.replace("\\", "/").split("/") for member in members]
+        while all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) == 1:
+            parts = [p[1:] for p in parts]  # a folder that wraps everything is not a class
+        keys = ["/".join(p) for p in parts]
+        nested = sum(len(p) > 1 for p in parts)
+        if not self.use_labels or nested == 0:
+            classes, labels = None, [0] * len(parts)
+        elif nested < len(parts):
+            top = next(key for key in keys if "/" not in key)
+            raise DataError(
+                f"{len(parts) - nested} images (e.g. {top}) lie next to the class folders of {self.root}; move them "
+                "into a class folder, or set data.use_labels=false to ignore folders"
+            )
+        else:
+            classes = sorted({p[0] for p in parts})
+            index = {name: label for label, name in enumerate(classes)}
+            labels = [index[p[0]] for p in parts]
+        # Names (wrappers stripped) and sizes: equal for a folder and its zip, and on every machine.
+        listing = "\n".join(f"{key}\t{size}" for key, (_, size, _) in zip(keys, entries))
+        self._fingerprint = hashlib.sha1(listing.encode()).hexdigest()
+        self._total_bytes = sum(size for _, size, _ in entries)
+        self._newest = max(mtime for _, _, mtime in entries)
+        self._classes = classes
+        self._files = ImageFiles(store, members, keys, labels, PIL_MODES[self.channels], self.image_size)
+        return self._files
+
+    def _load_source(self) -> ImageFiles:
+        files = self._scan()
+        if not self.verify:
+            return files
+        corrupt = files.find_corrupt()
+        if corrupt and self.on_corrupt == "error":
+            raise DataError(
+                f"corrupt image {corrupt[0][1]}"
+                + (f" and {len(corrupt) - 1} more" if len(corrupt) > 1 else "")
+                + "; replace or delete it, or set data.on_corrupt=skip"
+            )
+        if corrupt:
+            print(f"skipped {len(corrupt)} corrupt images (first: {corrupt[0][1]})")
+            bad = {index for index, _ in corrupt}
+            keep = [i for i in range(len(files)) if i not in bad]
+            if not keep:
+                raise DataError(f"every image under {self.root} is corrupt (first: {corrupt[0][1]})")
+            files = ImageFiles(
+                files.store,
+                [files.members[i] for i in keep],
+                [files.keys[i] for i in keep],
+                [files.labels[i] for i in keep],
+                files.mode,
+                files.image_size,
+            )
+        return files
+
+    def _source_identity(self) -> dict[str, Any]:
+        files = self._scan()
+        path = os.path.realpath(os.path.expanduser(self.root))
+        is_zip = isinstance(files.store, ZipStore)
+        return {
+            "source": path,
+            "source_kind": "zip" if is_zip else "folder",
+            # The archive's own size, or the images' total bytes and newest mtime for a folder (a folder's own
+            # mtime does not change when files below it do).
+            "source_size": os.stat(path).st_size if is_zip else self._total_bytes,
+            "source_mtime": self._newest,
+            "listing_sha1": self._fingerprint,
+            "num_images": len(files),
+            "classes": self._classes,
+            "crop": "center-square",
+            "on_corrupt": self.on_corrupt,
+        }

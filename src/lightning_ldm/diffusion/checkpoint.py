@@ -1,0 +1,109 @@
+"""Load a stage-2 model from a checkpoint alone (no config file): the checkpoint carries the configs of the
+first stage, UNet and schedule, and the first stage's weights travel in its state dict.
+
+Two kinds of file are accepted: a Lightning checkpoint (``*.ckpt``, training state included) and the slim
+EMA-only export (``*.safetensors``: EMA UNet + first stage + scale factor, config in the metadata).
+"""
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lightning_ldm.diffusion.module import DiffusionModule
+from lightning_ldm.diffusion.schedules import NoiseSchedule
+from lightning_ldm.errors import CheckpointError
+from lightning_ldm.latent.first_stage import rebuild_first_stage
+from lightning_ldm.unet.model import UNet
+
+EXPORT_FORMAT = "lightning_ldm.diffusion"
+_SET_BY_MODULE = ("in_channels", "out_channels", "conditioning", "num_classes")
+
+
+def build_module(config: dict) -> DiffusionModule:
+    """A DiffusionModule with the architecture described by ``config`` (random weights)."""
+    unet_config = {k: v for k, v in config["unet"].items() if k not in _SET_BY_MODULE}
+    sampler = config.get("sampler", {})
+    return DiffusionModule(
+        first_stage=rebuild_first_stage(config["first_stage"], config.get("sample_posterior", True)),
+        unet=functools.partial(UNet, **unet_config), schedule=NoiseSchedule(**config["schedule"]),
+        image_size=config["image_size"], prediction=config["prediction"], conditioning=config["conditioning"],
+        num_classes=config["num_classes"], sampler=sampler.get("name", "dpmpp_2m"),
+        sampler_steps=sampler.get("steps", 20), sampler_eta=sampler.get("eta"),
+        guidance_scale=sampler.get("guidance_scale", 1.0))
+
+
+def _load_strict(module: torch.nn.Module, state: dict, path: Path) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model it describes "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, value in state.items():
+        if hasattr(value, "shape") and hasattr(expected[key], "shape") and value.shape != expected[key].shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    module.load_state_dict(state, strict=True)
+
+
+def load_diffusion_model(path: str, map_location: str = "cpu") -> DiffusionModule:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"stage-2 checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _load_export(path, map_location)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: {error})") from None
+    meta = checkpoint.get("lightning_ldm") if isinstance(checkpoint, dict) else None
+    if not meta or meta.get("kind") != "diffusion":
+        raise CheckpointError(f"{path} is not a lightning_ldm stage-2 checkpoint (it has no stage-2 config)")
+    module = build_module(meta["config"])
+    _load_strict(module, checkpoint["state_dict"], path)
+    module.batch_step = int(checkpoint.get("batch_step", 0))
+    return module
+
+
+def save_ema_export(module: DiffusionModule, path: Path) -> Path:
+    """Slim sampling file: EMA UNet, first stage, scale factor; config and step in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"ema.{k}": v for k, v in module.ema.model.state_dict().items()}
+    tensors.update({f"first_stage.{k}": v for k, v in module.first_stage.state_dict().items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"format": EXPORT_FORMAT, "config": json.dumps(module.rebuild_config),
+                "batch_step": str(module.batch_step), "ema_updates": str(module.ema.num_updates)}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def _load_export(path: Path, map_location: str) -> DiffusionModule:
+    try:
+        with safe_open(str(path), framework="pt", device=map_location) as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a safetensors file ({error})") from None
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is not a lightning_ldm stage-2 export (format={metadata.get('format')!r})")
+    module = build_module(json.loads(metadata["config"]))
+    ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    first_state = {k[len("first_stage."):]: v for k, v in tensors.items() if k.startswith("first_stage.")}
+    _load_strict(module.ema.model, ema_state, path)
+    _load_strict(module.first_stage, first_state, path)
+    module.unet.load_state_dict(module.ema.model.state_dict())  # the export has only the averaged weights
+    module.batch_step = int(metadata.get("batch_step", 0))
+    return module
+
+
+def newest_checkpoint(search_root: Path) -> Optional[Path]:
+    candidates = list(Path(search_root).glob("diffusion/**/checkpoints/last.ckpt"))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

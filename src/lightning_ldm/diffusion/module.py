@@ -1,0 +1,252 @@
+"""Stage 2 training: a UNet learns to denoise the scaled latents of the frozen first stage.
+
+L_LDM = E_{z=s E(x), eps, t} w(t) || target - net(z_t, t, y) ||^2 (paper Eq. 2, with the target eps, x0 or v and
+an optional min-SNR-gamma weight w). Class labels are dropped to a null class with probability
+``label_dropout`` so that one network is both conditional and unconditional (classifier-free guidance).
+"""
+
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from lightning_ldm.diffusion.guidance import cfg_model_fn
+from lightning_ldm.diffusion.parameterization import Prediction, loss_weight, target_for
+from lightning_ldm.diffusion.samplers import SamplerName, make_denoiser, sample
+from lightning_ldm.diffusion.schedules import NoiseSchedule
+from lightning_ldm.errors import ConfigError
+from lightning_ldm.latent.cache import load_or_build_cache
+from lightning_ldm.latent.first_stage import FrozenFirstStage
+from lightning_ldm.latent.scale import estimate_scale_factor
+from lightning_ldm.training.base import StepCountingModule
+from lightning_ldm.training.ema import EMA
+from lightning_ldm.training.images import log_image_grid
+
+Conditioning = Literal["none", "adm", "crossattn"]
+
+
+class DiffusionModule(StepCountingModule):
+    def __init__(
+        self,
+        *,
+        first_stage: FrozenFirstStage,
+        unet: Callable[..., torch.nn.Module],
+        schedule: NoiseSchedule,
+        image_size: int,
+        prediction: Prediction = "eps",
+        loss_type: Literal["l2", "l1"] = "l2",
+        min_snr_gamma: Optional[float] = None,
+        conditioning: Conditioning = "none",
+        num_classes: Optional[int] = None,
+        label_dropout: float = 0.1,
+        max_steps: int = 1000,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        scale_estimation_batches: int = 32,
+        cache_latents: bool = False,
+        cache_dir: Optional[str] = None,
+        sampler: SamplerName = "dpmpp_2m",
+        sampler_steps: int = 20,
+        sampler_eta: Optional[float] = None,
+        guidance_scale: float = 1.0,
+        image_log_every: int = 500,
+        num_log_images: int = 16,
+    ) -> None:
+        super().__init__(max_steps)
+        if conditioning != "none" and not num_classes:
+            raise ConfigError(f"module.conditioning={conditioning} needs module.num_classes (classes in the data)")
+        if image_size % first_stage.downsampling_factor:
+            raise ConfigError(f"image size {image_size} is not divisible by the first stage's downsampling factor "
+                              f"f={first_stage.downsampling_factor}")
+        self.first_stage = first_stage
+        self.conditioning = conditioning
+        self.num_classes = num_classes if conditioning != "none" else None
+        self.null_class = self.num_classes  # the extra label index that means "no condition"
+        channels = first_stage.latent_channels
+        self.unet = unet(in_channels=channels, out_channels=channels, conditioning=conditioning,
+                         num_classes=None if self.num_classes is None else self.num_classes + 1)
+        self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
+        self.schedule = schedule
+        self.image_size = image_size
+        self.latent_size = image_size // first_stage.downsampling_factor
+        self.prediction = prediction
+        self.loss_type = loss_type
+        self.min_snr_gamma = min_snr_gamma
+        self.label_dropout = label_dropout
+        self.lr, self.weight_decay, self.adam_betas, self.warmup_steps = lr, weight_decay, tuple(adam_betas), warmup_steps
+        self.scale_estimation_batches = scale_estimation_batches
+        self.cache_latents, self.cache_dir = cache_latents, cache_dir
+        self.sampler_settings = dict(name=sampler, steps=sampler_steps, eta=sampler_eta, guidance_scale=guidance_scale)
+        self.image_log_every, self.num_log_images = image_log_every, num_log_images
+        self.rebuild_config = {  # everything a checkpoint needs to rebuild this module without a config file
+            "first_stage": first_stage.export_config, "sample_posterior": first_stage.sample_posterior,
+            "unet": self.unet.config, "schedule": schedule.config if hasattr(schedule, "config") else {
+                k: getattr(schedule, k) for k in ("kind", "num_timesteps", "beta_start", "beta_end", "cosine_s")},
+            "image_size": image_size, "prediction": prediction, "conditioning": conditioning,
+            "num_classes": self.num_classes, "sampler": self.sampler_settings,
+        }
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or stage != "fit":
+            return
+        if datamodule.image_size != self.image_size:
+            raise ConfigError(f"data.image_size={datamodule.image_size} differs from module.image_size={self.image_size}")
+        if datamodule.channels != self.first_stage.image_channels:
+            raise ConfigError(f"data has {datamodule.channels} channels, the first stage expects "
+                              f"{self.first_stage.image_channels}")
+        if self.num_classes and datamodule.num_classes and self.num_classes > datamodule.num_classes:
+            raise ConfigError(f"module.num_classes={self.num_classes} but the data has {datamodule.num_classes} classes")
+        if self.cache_latents:
+            cache_dir = Path(self.cache_dir or Path(self.trainer.default_root_dir).parent / "latent_cache")
+            dataset, _ = load_or_build_cache(
+                self.first_stage.to(self.device_for_setup()), datamodule, cache_dir, self.device_for_setup(),
+                is_global_zero=self.trainer.is_global_zero, barrier=self.trainer.strategy.barrier)
+            datamodule.train_dataset = dataset
+
+    def device_for_setup(self) -> torch.device:
+        return self.trainer.strategy.root_device
+
+    def on_fit_start(self) -> None:
+        self._report_first_stage()
+        if not self.first_stage.scale_is_set:
+            scale = estimate_scale_factor(self.trainer.datamodule.train_dataloader(), self._unscaled_latents,
+                                          self.scale_estimation_batches, self.device)
+            self.first_stage.scale_factor.fill_(scale)
+        if self.trainer.is_global_zero:
+            print(f"Stage 2: scale_factor {float(self.first_stage.scale_factor):.5f}; lr {self.lr:g} (absolute, "
+                  f"AdamW, {self.warmup_steps} warm-up steps); UNet {sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f}M "
+                  f"parameters; latents {self.first_stage.latent_channels}x{self.latent_size}x{self.latent_size}")
+
+    @torch.no_grad()
+    def _unscaled_latents(self, batch: dict) -> torch.Tensor:
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
+        else:
+            mean, std = self.first_stage.encode_distribution(batch["image"].to(self.device))
+        if self.first_stage.sample_posterior and self.first_stage.regularizer == "kl":
+            return mean + std * torch.randn_like(mean)
+        return mean
+
+    @torch.no_grad()
+    def _report_first_stage(self) -> None:
+        """Check the loaded autoencoder before spending compute on it: reconstruction PSNR of one batch."""
+        if self.first_stage.autoencoder is None or not self.trainer.is_global_zero:
+            return
+        batch = next(iter(self.trainer.datamodule.val_dataloader()))
+        images = batch["image"][:32].to(self.device)
+        with torch.autocast(self.device.type, enabled=False):
+            mean, _ = self.first_stage.encode_distribution(images)
+            recon = self.first_stage.autoencoder.decode(mean).clamp(-1, 1)
+        psnr = peak_signal_noise_ratio((recon + 1) / 2, (images + 1) / 2, data_range=1.0)
+        print(f"First stage check: reconstruction PSNR {float(psnr):.2f} dB on {images.shape[0]} validation images "
+              f"({self.first_stage.source})")
+
+    def configure_optimizers(self):
+        fused = {"fused": True} if torch.cuda.is_available() else {}
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+                                      betas=self.adam_betas, **fused)
+        warmup = self.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------------- training
+    def latents_and_labels(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if "latent_mean" in batch:
+            z = self.first_stage.scaled_latents(batch["latent_mean"], batch["latent_std"])
+        else:
+            z = self.first_stage.encode(batch["image"])
+        labels = batch.get("label") if self.num_classes else None
+        return z, labels
+
+    def diffusion_loss(self, net: torch.nn.Module, z0: torch.Tensor, labels: Optional[torch.Tensor],
+                       generator: Optional[torch.Generator] = None, drop_labels: bool = True) -> torch.Tensor:
+        n = z0.shape[0]
+        t = torch.randint(0, self.schedule.num_timesteps, (n,), device=z0.device, generator=generator)
+        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
+        z_t = self.schedule.q_sample(z0, t, noise)
+        y = None
+        if labels is not None:
+            y = labels
+            if drop_labels and self.label_dropout > 0:
+                drop = torch.rand(n, device=z0.device, generator=generator) < self.label_dropout
+                y = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        output = net(z_t, t, y=y)
+        alpha_bar = self.schedule.alpha_bar(t)
+        target = target_for(self.prediction, z0, noise, alpha_bar)
+        error = (output.float() - target.float())
+        per_sample = (error.abs() if self.loss_type == "l1" else error.pow(2)).mean(dim=(1, 2, 3))
+        weights = loss_weight(self.prediction, self.schedule.snr(t), self.min_snr_gamma)
+        return (weights * per_sample).mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        z0, labels = self.latents_and_labels(batch)
+        loss = self.diffusion_loss(self.unet, z0, labels)
+        self.check_finite(loss, "diffusion")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=z0.shape[0])
+        if self.batch_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+            self.log("train/ema_decay", self.ema.current_decay(), on_step=True, on_epoch=False)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.unet)  # once per optimizer step, after the weights changed
+
+    # ----------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        z0, labels = self.latents_and_labels(batch)
+        # Fixed t and noise per batch index so validation losses are comparable across evaluations.
+        generator = torch.Generator(device=z0.device).manual_seed(1000 + batch_idx)
+        loss = self.diffusion_loss(self.ema.model, z0, labels, generator=generator, drop_labels=False)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=z0.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero or not self.num_log_images:
+            return
+        generator = torch.Generator(device=self.device).manual_seed(0)  # same noise every time: comparable grids
+        labels = None
+        if self.num_classes:
+            labels = torch.arange(self.num_log_images, device=self.device) % self.num_classes
+        images, spec = self.generate(self.num_log_images, labels=labels, generator=generator)
+        nrow = min(self.num_classes or 8, 8) if self.num_classes else 8
+        log_image_grid(self.trainer, "val/samples", images, nrow=nrow, step=self.batch_step,
+                       caption=f"EMA, {spec.name} {spec.steps} steps, guidance {self.sampler_settings['guidance_scale']}")
+
+    # ----------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, n: int, *, labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                 sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
+                 guidance_scale: Optional[float] = None, use_ema: bool = True, progress: bool = False,
+                 x_T: Optional[torch.Tensor] = None):
+        """n images in [-1, 1] and the sampler's spec; the latents are decoded in float32."""
+        settings = self.sampler_settings
+        net = self.ema.model if use_ema else self.unet
+        scale = settings["guidance_scale"] if guidance_scale is None else guidance_scale
+        if self.num_classes:
+            if labels is None:
+                labels = torch.randint(0, self.num_classes, (n,), device=self.device, generator=generator)
+            model_fn = cfg_model_fn(lambda x, t, y: net(x, t, y=y), labels.to(self.device), self.null_class, scale)
+        else:
+            model_fn = lambda x, t: net(x, t)  # noqa: E731
+        denoise = make_denoiser(model_fn, self.schedule, self.prediction)
+        shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
+        z, spec = sample(sampler or settings["name"], denoise, self.schedule, shape,
+                         steps=steps or settings["steps"], eta=settings["eta"] if eta is None else eta,
+                         generator=generator, device=self.device, x_T=x_T, progress=progress)
+        with torch.autocast(self.device.type, enabled=False):
+            images = self.first_stage.decode(z.float())
+        return images.float().clamp(-1, 1), spec
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["lightning_ldm"] = {"kind": "diffusion", "version": 1, "config": self.rebuild_config}

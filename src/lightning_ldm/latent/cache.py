@@ -1,0 +1,98 @@
+"""Cached latents (as EDM2 and fast-DiT do): encode the training set once, then train from the cache so the
+encoder costs nothing per step.
+
+The cache stores the posterior mean and std of every training image (and of its mirror image when the data
+flips), so the KL posterior can still be sampled afresh each step. Its file name is a hash of the first stage
+(export file identity and config), the data identity and preprocessing: any change gives a new key, so a
+stale cache is never read.
+"""
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+CACHE_VERSION = 1
+
+
+def cache_key(first_stage_identity: dict, data_identity: dict) -> str:
+    payload = json.dumps({"v": CACHE_VERSION, "first_stage": first_stage_identity, "data": data_identity},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def first_stage_identity(first_stage) -> dict:
+    identity: dict[str, Any] = {"config": first_stage.export_config.get("config"),
+                                "identity": bool(first_stage.export_config.get("identity"))}
+    source = Path(first_stage.source) if first_stage.source and first_stage.source != "identity" else None
+    if source is not None and source.is_file():
+        stat = source.stat()
+        identity.update(path=str(source.resolve()), size=stat.st_size, mtime=stat.st_mtime_ns)
+    return identity
+
+
+class LatentDataset(Dataset):
+    """Cached (mean, std, label) per image; with flips, a random one of the two stored orientations."""
+
+    def __init__(self, cache: dict) -> None:
+        self.mean, self.std, self.labels = cache["mean"], cache["std"], cache["labels"]
+        self.flipped = "mean_flipped" in cache
+        if self.flipped:
+            self.mean_flipped, self.std_flipped = cache["mean_flipped"], cache["std_flipped"]
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def __getitem__(self, index: int) -> dict:
+        if self.flipped and torch.rand(()) < 0.5:
+            mean, std = self.mean_flipped[index], self.std_flipped[index]
+        else:
+            mean, std = self.mean[index], self.std[index]
+        return {"latent_mean": mean.float(), "latent_std": std.float(), "label": self.labels[index]}
+
+
+@torch.no_grad()
+def encode_dataset(first_stage, dataset: Dataset, *, flip: bool, batch_size: int, device: torch.device,
+                   num_workers: int = 0) -> dict:
+    unflipped = copy.copy(dataset)
+    if hasattr(unflipped, "flip"):
+        unflipped.flip = False  # the mirror images are encoded explicitly below
+    loader = DataLoader(unflipped, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    parts: dict[str, list] = {"mean": [], "std": [], "labels": [], "mean_flipped": [], "std_flipped": []}
+    for batch in tqdm(loader, desc="Encoding the training set into the latent cache", leave=False):
+        images = batch["image"].to(device)
+        mean, std = first_stage.encode_distribution(images)
+        parts["mean"].append(mean.half().cpu())
+        parts["std"].append(std.half().cpu())
+        parts["labels"].append(batch["label"])
+        if flip:
+            mean, std = first_stage.encode_distribution(torch.flip(images, dims=[-1]))
+            parts["mean_flipped"].append(mean.half().cpu())
+            parts["std_flipped"].append(std.half().cpu())
+    return {key: torch.cat(value) for key, value in parts.items() if value}
+
+
+def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.device, *,
+                        is_global_zero: bool, barrier) -> tuple[LatentDataset, Path]:
+    """Rank 0 builds the cache if it is missing (atomically); every rank then loads the same file."""
+    data_identity = datamodule.identity()
+    key = cache_key(first_stage_identity(first_stage), data_identity)
+    path = Path(cache_dir) / f"latents-{key}.pt"
+    if is_global_zero and not path.is_file():
+        print(f"Latent cache: encoding {len(datamodule.train_dataset)} training images -> {path}")
+        cache = encode_dataset(first_stage, datamodule.train_dataset, flip=bool(getattr(datamodule, "flip", False)),
+                               batch_size=max(64, datamodule.batch_size), device=device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save(cache, tmp)
+        os.replace(tmp, path)
+    elif is_global_zero:
+        print(f"Latent cache: reusing {path}")
+    barrier()
+    return LatentDataset(torch.load(path, map_location="cpu", weights_only=True)), path

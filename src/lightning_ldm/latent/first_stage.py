@@ -1,0 +1,142 @@
+"""The frozen first stage of a latent diffusion model: encode images to scaled latents and decode them back.
+
+Frozen for good: no gradients, not in any optimiser or EMA, and in eval mode that ``.train()`` cannot undo
+(Lightning switches the whole LightningModule to train mode at every epoch start). Its weights are part of
+the stage-2 state dict, so a stage-2 checkpoint alone can sample.
+
+The latent scale (paper Sec. 4.3.2 / LD's ``scale_by_std``): z <- scale_factor * z before diffusion and
+z / scale_factor before decoding, so that the diffusion model sees latents of about unit variance. It is a
+buffer, hence stored in checkpoints and never recomputed on resume (NaN until estimated or configured).
+"""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lightning_ldm.autoencoder.export import load_autoencoder_export, read_export_metadata
+from lightning_ldm.errors import CheckpointError, ConfigError
+
+
+class FrozenFirstStage(nn.Module):
+    def __init__(self, autoencoder: Optional[nn.Module], export_config: dict, *, latent_channels: int,
+                 downsampling_factor: int, image_channels: int, regularizer: str,
+                 scale_factor: Optional[float] = None, sample_posterior: bool = True,
+                 source: str = "") -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.export_config = export_config  # what rebuilds the architecture from a stage-2 checkpoint
+        self.latent_channels = latent_channels
+        self.downsampling_factor = downsampling_factor
+        self.image_channels = image_channels
+        self.regularizer = regularizer
+        # LD samples the KL posterior at every step (a small data augmentation); its mean is the alternative.
+        self.sample_posterior = sample_posterior
+        self.source = source
+        initial = float("nan") if scale_factor is None else float(scale_factor)
+        self.register_buffer("scale_factor", torch.tensor(initial, dtype=torch.float32))
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenFirstStage":
+        return self  # stays in eval mode whatever the parent does
+
+    @property
+    def scale_is_set(self) -> bool:
+        return bool(torch.isfinite(self.scale_factor))
+
+    @torch.no_grad()
+    def encode_distribution(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled posterior mean and std (std = 0 for VQ and identity)."""
+        if self.autoencoder is None:
+            return images, torch.zeros_like(images)
+        posterior = self.autoencoder.encode(images)
+        return posterior.mean, posterior.std
+
+    def scaled_latents(self, mean: torch.Tensor, std: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """z = scale * (mean + std * eps) when sampling the posterior, else scale * mean."""
+        if not self.scale_is_set:
+            raise RuntimeError("scale_factor used before it was estimated or configured")
+        z = mean
+        if self.sample_posterior and self.regularizer == "kl":
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + std * noise
+        return z * self.scale_factor.to(z.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.scaled_latents(*self.encode_distribution(images))
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z / self.scale_factor.to(z.dtype)
+        return z if self.autoencoder is None else self.autoencoder.decode(z)
+
+
+def identity_first_stage(*, image_channels: int = 3, scale_factor: float = 1.0) -> FrozenFirstStage:
+    """Pixel space (f = 1): the same stage-2 code trains a plain pixel-space diffusion model."""
+    return FrozenFirstStage(None, {"identity": True, "image_channels": image_channels},
+                            latent_channels=image_channels, downsampling_factor=1, image_channels=image_channels,
+                            regularizer="identity", scale_factor=scale_factor, sample_posterior=False,
+                            source="identity")
+
+
+def newest_matching_export(search_root: Path, data_identity: dict) -> Path:
+    """The most recent ``export/autoencoder.safetensors`` under ``search_root`` trained on the same data."""
+    keys = ("name", "image_size", "channels")
+    wanted = {k: data_identity.get(k) for k in keys}
+    candidates = []
+    for path in Path(search_root).glob("**/export/autoencoder.safetensors"):
+        try:
+            data = read_export_metadata(path)["data"]
+        except CheckpointError:
+            continue
+        if {k: data.get(k) for k in keys} == wanted:
+            candidates.append((path.stat().st_mtime, path))
+    if not candidates:
+        raise CheckpointError(
+            f"no stage-1 export for data {json.dumps(wanted)} under {search_root}; train one with "
+            "`python -m lightning_ldm stage=autoencoder` (same data) or set autoencoder.path=/path/to/autoencoder.safetensors")
+    return max(candidates)[1]
+
+
+def load_first_stage(*, path: Optional[str] = None, search_root: str = "outputs", data=None,
+                     scale_factor: Optional[float] = None, sample_posterior: bool = True) -> FrozenFirstStage:
+    """Load a stage-1 export strictly: by ``path``, or the newest export of the same data under ``search_root``.
+
+    ``scale_factor``: None estimates 1/std of the latents at the start of training (VQ latents stay unscaled,
+    as in the paper, unless a value is given).
+    """
+    if path is None:
+        if data is None or not hasattr(data, "identity"):
+            raise ConfigError("autoencoder.path is not set and there is no data identity to search exports by")
+        export = newest_matching_export(Path(search_root), data.identity())
+        print(f"First stage: newest matching stage-1 export {export}")
+    else:
+        export = Path(path).expanduser()
+        print(f"First stage: {export}")
+    model, metadata = load_autoencoder_export(export)
+    config = metadata["config"]
+    if scale_factor is None and config["regularizer"] == "vq":
+        scale_factor = 1.0
+    return FrozenFirstStage(model, {"export": str(export), "config": config}, latent_channels=model.latent_channels,
+                            downsampling_factor=model.downsampling_factor, image_channels=config["in_channels"],
+                            regularizer=config["regularizer"], scale_factor=scale_factor,
+                            sample_posterior=sample_posterior, source=str(export))
+
+
+def rebuild_first_stage(export_config: dict, sample_posterior: bool) -> FrozenFirstStage:
+    """The architecture (random weights) of a first stage described in a stage-2 checkpoint."""
+    if export_config.get("identity"):
+        return identity_first_stage(image_channels=export_config["image_channels"])
+    from lightning_ldm.autoencoder.model import Autoencoder
+
+    config = export_config["config"]
+    model = Autoencoder(**config)
+    return FrozenFirstStage(model, export_config, latent_channels=model.latent_channels,
+                            downsampling_factor=model.downsampling_factor, image_channels=config["in_channels"],
+                            regularizer=config["regularizer"], sample_posterior=sample_posterior,
+                            source=export_config.get("export", ""))

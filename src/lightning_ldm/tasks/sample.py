@@ -1,0 +1,94 @@
+"""``stage=sample``: turn a stage-2 checkpoint (or EMA export) into images.
+
+Image i comes from seed i: its starting noise x_T is drawn from ``torch.Generator().manual_seed(i)``, so a
+deterministic sampler (DDIM eta=0, DPM-Solver++) gives the same image for a seed whatever the batch size or
+the number of GPUs, and a seed range can be split across runs. Stochastic samplers (DDPM, DDIM eta>0) draw
+their step noise from a generator seeded by the batch's first seed. Images already on disk are skipped, so
+an interrupted run resumes by rerunning it.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm import tqdm
+
+from lightning_ldm.diffusion.checkpoint import load_diffusion_model, newest_checkpoint
+from lightning_ldm.errors import CheckpointError, ConfigError
+from lightning_ldm.tasks.run_dir import record_run
+from lightning_ldm.training.images import make_grid, save_png, to_uint8
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def labels_for(seeds: list[int], classes, num_classes) -> torch.Tensor | None:
+    if not num_classes:
+        if classes:
+            raise ConfigError("sample.classes is set but the model is unconditional")
+        return None
+    pool = list(classes) if classes else list(range(num_classes))
+    bad = [c for c in pool if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(f"sample.classes {bad} outside [0, {num_classes})")
+    return torch.tensor([pool[s % len(pool)] for s in seeds], dtype=torch.long)
+
+
+def sample(cfg: DictConfig) -> None:
+    options = cfg.sample
+    run_dir = Path(cfg.paths.run_dir)
+    ckpt = options.ckpt or newest_checkpoint(Path(cfg.paths.output_root))
+    if ckpt is None:
+        raise CheckpointError(f"no stage-2 checkpoint under {cfg.paths.output_root}; train one with "
+                              "`python -m lightning_ldm stage=diffusion` or set sample.ckpt=/path/to/last.ckpt")
+    fabric = Fabric(accelerator=options.accelerator, devices=options.devices,
+                    precision=options.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"))
+    fabric.launch()
+    if fabric.is_global_zero:
+        record_run(cfg, run_dir)
+        print(f"Run directory: {run_dir}\nSampling from {ckpt}")
+    module = load_diffusion_model(str(ckpt)).to(fabric.device).eval()
+    out_dir = Path(options.output_dir) if options.output_dir else run_dir / "images"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    seeds = list(range(options.seed_start, options.seed_start + options.num_samples))
+    mine = seeds[fabric.global_rank::fabric.world_size]
+    todo = [s for s in mine if options.format == "npz" or not (out_dir / f"{s:06d}.png").exists()]
+    shape = (module.first_stage.latent_channels, module.latent_size, module.latent_size)
+    produced: dict[int, np.ndarray] = {}
+    batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+    for batch in tqdm(batches, desc=f"rank {fabric.global_rank} sampling", disable=not fabric.is_global_zero):
+        x_T = initial_noise(batch, shape).to(fabric.device)
+        labels = labels_for(batch, options.classes, module.num_classes)
+        generator = torch.Generator(device=fabric.device).manual_seed(batch[0])
+        with fabric.autocast():
+            images, spec = module.generate(len(batch), labels=None if labels is None else labels.to(fabric.device),
+                                           generator=generator, sampler=options.sampler, steps=options.steps,
+                                           eta=options.eta, guidance_scale=options.guidance_scale,
+                                           use_ema=options.use_ema, x_T=x_T)
+        for seed, image in zip(batch, to_uint8(images)):
+            array = image.permute(1, 2, 0).numpy()
+            if options.format == "png":
+                Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(out_dir / f"{seed:06d}.png")
+            produced[seed] = array
+    fabric.barrier()
+    if options.format == "npz":
+        np.savez(out_dir / f"samples_rank{fabric.global_rank}.npz", seeds=np.array(list(produced)),
+                 images=np.stack(list(produced.values())) if produced else np.zeros((0,) + shape))
+    if fabric.is_global_zero:
+        first = [s for s in seeds[:options.grid_size]]
+        grid_images = []
+        for s in first:
+            if s in produced:
+                grid_images.append(torch.from_numpy(produced[s]).permute(2, 0, 1))
+            elif (out_dir / f"{s:06d}.png").exists():
+                array = np.array(Image.open(out_dir / f"{s:06d}.png"))
+                grid_images.append(torch.from_numpy(array if array.ndim == 3 else array[..., None]).permute(2, 0, 1))
+        if grid_images:
+            nrow = int(np.ceil(np.sqrt(len(grid_images))))
+            grid = save_png(make_grid(torch.stack(grid_images), nrow), run_dir / "grid.png")
+            print(f"Wrote {len(seeds)} samples to {out_dir} and a grid to {grid}")

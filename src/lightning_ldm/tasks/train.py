@@ -1,0 +1,48 @@
+"""``task.run`` for both training stages: build everything from the config, fit, report where it went."""
+
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lightning_ldm.errors import CheckpointError
+from lightning_ldm.tasks.run_dir import record_run
+from lightning_ldm.training.checkpoint_io import AtomicCheckpointIO
+
+
+def resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[str]:
+    """``resume=auto``: the run directory's last checkpoint if there is one; a path must exist."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            print(f"Resuming from {last}")
+            return str(last)
+        return None
+    if not Path(resume).is_file():
+        raise CheckpointError(f"resume={resume}: no such checkpoint file")
+    return resume
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node is not None]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                       default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+
+
+def fit(cfg: DictConfig) -> Optional[float]:
+    run_dir = Path(cfg.paths.run_dir)
+    record_run(cfg, run_dir)
+    print(f"Run directory: {run_dir}")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.resume, run_dir))
+    print(f"Done. Run directory: {run_dir}")
+    monitored = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    return float(monitored) if monitored is not None else None

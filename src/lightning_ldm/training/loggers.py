@@ -1,0 +1,35 @@
+"""Logger factories. W&B goes offline by itself when this machine has no credentials."""
+
+import netrc
+import os
+from pathlib import Path
+from typing import Optional
+
+
+def wandb_credentials_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC", str(Path.home() / ".netrc")))
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].rstrip("/")
+    return auth.authenticators(host) is not None
+
+
+def wandb_logger(*, save_dir: str, project: str = "lightning_ldm", name: Optional[str] = None,
+                 group: Optional[str] = None, tags: Optional[list[str]] = None, job_type: str = "train",
+                 offline: Optional[bool] = None, log_model: bool = False, run_id: Optional[str] = None):
+    """A Lightning WandbLogger; ``offline=None`` means offline exactly when no credentials are found."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = os.environ.get("WANDB_MODE", "")
+    if offline is None:
+        offline = mode == "offline" or (mode != "online" and not wandb_credentials_available())
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(project=project, name=name, group=group, tags=list(tags or []), job_type=job_type,
+                         save_dir=save_dir, offline=offline, log_model=log_model, id=run_id,
+                         resume="allow" if run_id else None)
+    if offline and mode != "disabled":
+        print(f"W&B: offline (no credentials found); upload later with: wandb sync {Path(save_dir) / 'wandb'}/offline-run-*")
+    return logger

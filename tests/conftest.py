@@ -1,0 +1,56 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ldm.cli import CONFIG_DIR, register_resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def compose(tmp_path):
+    """Compose the real config tree through Hydra's compose API, as the entry point would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    register_resolvers()
+
+    def _compose(*overrides: str):
+        base = [f"paths.output_root={tmp_path}", f"paths.run_dir={tmp_path / 'run'}"]
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=[*base, *overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    return _compose
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m lightning_ldm`` as a user would, offline, without W&B credentials."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    full_env.update({"WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                     "NETRC": str(cwd / "no-netrc"), "TORCH_HOME": str(cwd / "torch-home")})
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "lightning_ldm", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The run failed with exit status 2, no traceback, and a single ``error:`` line naming the problem."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

@@ -1,0 +1,88 @@
+"""Every config file composes and passes the schema; the schema rejects unknown keys and wrong types."""
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lightning_ldm.cli import CONFIG_DIR
+from lightning_ldm.config.validate import validate_config
+from lightning_ldm.errors import ConfigError
+
+# Options that need a value the default config cannot provide.
+_NEEDS = {
+    ("data", "folder"): ["data.root=/tmp/images"],
+    ("data", "mnist"): ["data.root=/tmp/mnist"],
+    ("data", "fashion_mnist"): ["data.root=/tmp/fashion"],
+    ("data", "cifar10"): ["data.root=/tmp/cifar"],
+}
+_STAGE_OF_GROUP = {"data": "autoencoder", "autoencoder": "autoencoder", "loss": "autoencoder"}
+
+
+def _options():
+    for group_dir in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "local")):
+        for yaml in sorted(group_dir.glob("*.yaml")):
+            yield group_dir.name, yaml.stem
+
+
+@pytest.mark.parametrize("group,option", list(_options()))
+def test_every_config_option_composes_and_validates(compose, group, option):
+    stage = _STAGE_OF_GROUP.get(group)
+    overrides = ([f"stage={stage}"] if stage and group != "stage" else []) + [f"{group}={option}"]
+    cfg = compose(*overrides, *_NEEDS.get((group, option), []))
+    validate_config(cfg)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("preset", ["kl-f2-small", "kl-f4-small", "vq-f4-small"])
+def test_small_autoencoder_presets_instantiate(compose, preset):
+    cfg = compose("stage=autoencoder", f"autoencoder={preset}")
+    model = instantiate(cfg.autoencoder)
+    assert model.config["in_channels"] == cfg.data.channels
+
+
+def _error(compose, *overrides) -> str:
+    cfg = compose(*overrides)
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_top_level_key_is_named(compose):
+    assert _error(compose, "+max_step=3").startswith("max_step: unknown config key (did you mean 'max_steps'?)")
+
+
+def test_unknown_key_of_an_instantiated_node_is_named(compose):
+    message = _error(compose, "+data.batch_sze=3")
+    assert message.startswith("data.batch_sze: unknown key for lightning_ldm.data.digits.DigitsDataModule")
+    assert "did you mean 'batch_size'" in message
+
+
+def test_wrong_types_are_named(compose):
+    assert _error(compose, "data.batch_size=abc") == "data.batch_size: expected int, got str 'abc'"
+    assert _error(compose, "autoencoder.ch_mult=[1,x]").startswith("autoencoder.ch_mult: expected")
+    assert _error(compose, "autoencoder.regularizer=gauss").startswith(
+        "autoencoder.regularizer: expected one of 'kl', 'vq'")
+    assert _error(compose, "module.lr=fast") == "module.lr: expected float, got str 'fast'"
+
+
+def test_int_is_accepted_where_float_is_expected(compose):
+    validate_config(compose("module.lr=1"))
+
+
+def test_missing_required_value_is_named(compose):
+    assert _error(compose, "data=folder").startswith("data.root: required value is not set")
+
+
+def test_a_typo_inside_a_user_yaml_is_caught(compose, tmp_path):
+    cfg = compose()
+    bad = OmegaConf.merge(cfg, OmegaConf.create({"loss": {"disc_strat": 5}}))
+    with pytest.raises(ConfigError, match=r"loss.disc_strat: unknown key .*did you mean 'disc_start'"):
+        validate_config(bad)
+
+
+def test_config_dir_is_the_repositorys():
+    assert CONFIG_DIR == Path(__file__).resolve().parents[1] / "conf"

@@ -1,0 +1,50 @@
+"""Read back what an offline W&B run recorded, straight from its ``run-*.wandb`` transaction log.
+
+The file is W&B's 7-byte header followed by LevelDB-style log records (32 KiB blocks, each record a
+7-byte header: crc32, length, type) holding ``wandb.proto`` ``Record`` messages.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _records(path: Path):
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+            pending = b""
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """Every ``run.log`` row of the offline run under ``run_dir`` (``wandb/offline-run-*``)."""
+    from wandb.proto import wandb_internal_pb2
+
+    [log] = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))[-1:]
+    rows = []
+    for raw in _records(log):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
