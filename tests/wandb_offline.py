@@ -36,12 +36,13 @@ def _records(path: Path):
 
 
 def read_history(run_dir: Path) -> list[dict]:
-    """Every ``run.log`` row of the offline run under ``run_dir`` (``wandb/offline-run-*``)."""
+    """Every ``run.log`` row of the offline runs under ``run_dir`` (``wandb/offline-run-*``), oldest first."""
     from wandb.proto import wandb_internal_pb2
 
-    [log] = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))[-1:]
+    logs = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    assert logs, f"no offline W&B run under {run_dir}"
     rows = []
-    for raw in _records(log):
+    for raw in (record for log in logs for record in _records(log)):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "history":

@@ -76,7 +76,7 @@ def run_reporting_errors(hydra_main) -> None:
     full error lets us see the exception itself and decide: our ``UserError`` and Hydra's config errors are
     the user's to fix (one line), anything else is a bug and keeps its traceback.
     """
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, InstantiationException
     from omegaconf.errors import OmegaConfBaseException
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
@@ -91,6 +91,8 @@ def run_reporting_errors(hydra_main) -> None:
         cause = error.__cause__
         if isinstance(cause, UserError):  # raised inside a constructor that Hydra called
             print_error(cause)
+        elif isinstance(error, InstantiationException):
+            raise  # a constructor failed for another reason: a bug, keep the traceback
         else:
             print_error(error, prefix="config: ")
         sys.exit(2)

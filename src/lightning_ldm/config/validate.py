@@ -29,8 +29,9 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    options = [o for o in options if o != "self"]
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(options)})"
 
 
 def _check_dataclass(node: DictConfig, schema: type, prefix: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-_PACKAGES = ("lightning_ldm", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics",
+_PACKAGES = ("lightning_ldm", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics",
              "torch-fidelity", "wandb", "lpips", "safetensors", "numpy")
 
 
@@ -25,7 +25,10 @@ def git_revision(start: Path) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0]}
+    import torch
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": str(torch.version.cuda),
+                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)

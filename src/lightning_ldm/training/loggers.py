@@ -2,6 +2,8 @@
 
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Optional
 
@@ -26,10 +28,16 @@ def wandb_logger(*, save_dir: str, project: str = "lightning_ldm", name: Optiona
     mode = os.environ.get("WANDB_MODE", "")
     if offline is None:
         offline = mode == "offline" or (mode != "online" and not wandb_credentials_available())
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    # One W&B run per run directory: a resumed run keeps logging into the run it started.
+    id_file = Path(save_dir) / "wandb" / "run_id"
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    if run_id is None and id_file.is_file():
+        run_id = id_file.read_text().strip()
+    if run_id is None:
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    id_file.write_text(run_id)
     logger = WandbLogger(project=project, name=name, group=group, tags=list(tags or []), job_type=job_type,
-                         save_dir=save_dir, offline=offline, log_model=log_model, id=run_id,
-                         resume="allow" if run_id else None)
+                         save_dir=save_dir, offline=offline, log_model=log_model, id=run_id, resume="allow")
     if offline and mode != "disabled":
         print(f"W&B: offline (no credentials found); upload later with: wandb sync {Path(save_dir) / 'wandb'}/offline-run-*")
     return logger
