@@ -10,7 +10,8 @@ from lightning_ldm.cli import CONFIG_DIR, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# pytest-xdist runs one worker per core: one thread each avoids oversubscription.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_ldm.autoencoder.blocks import AttnBlock, Downsample, ResnetBlock
 from lightning_ldm.autoencoder.model import PAPER_PRESETS, SMALL_PRESETS, Autoencoder
@@ -90,6 +89,16 @@ def test_quantizer_picks_the_nearest_code(chunked, monkeypatch):
                 distances = [torch.sum((z[b, :, i, j] - code) ** 2).item() for code in codes]
                 assert out.indices[b, i, j].item() == min(range(len(codes)), key=distances.__getitem__)
                 torch.testing.assert_close(out.quantized[b, :, i, j], codes[out.indices[b, i, j]])
+
+
+def test_nearest_code_search_stays_float32_under_autocast():
+    quantizer = VectorQuantizer(num_codes=8, code_dim=4)
+    with torch.no_grad():  # codes 1 + k/256 apart: bf16 (8-bit mantissa) cannot tell most of them apart
+        quantizer.embedding.weight.copy_(1.0 + torch.arange(8.0)[:, None].expand(8, 4) / 256)
+    z = (1.0 + torch.arange(8.0) / 256 + 1e-4)[:, None, None, None].expand(8, 4, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        indices = quantizer.nearest_code(z)
+    assert indices.flatten().tolist() == list(range(8))
 
 
 def test_quantizer_passes_gradients_straight_through():

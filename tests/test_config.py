@@ -17,7 +17,10 @@ _NEEDS = {
     ("data", "fashion_mnist"): ["data.root=/tmp/fashion"],
     ("data", "cifar10"): ["data.root=/tmp/cifar"],
 }
-_STAGE_OF_GROUP = {"data": "autoencoder", "autoencoder": "autoencoder", "loss": "autoencoder"}
+_STAGE_OF_GROUP = {"data": "autoencoder", "autoencoder": "autoencoder", "loss": "autoencoder",
+                   "unet": "diffusion", "schedule": "diffusion"}
+_STAGE_OF_OPTION = {("autoencoder", "export"): "diffusion", ("autoencoder", "identity"): "diffusion",
+                    ("callbacks", "diffusion"): "diffusion"}
 
 
 def _options():
@@ -28,7 +31,7 @@ def _options():
 
 @pytest.mark.parametrize("group,option", list(_options()))
 def test_every_config_option_composes_and_validates(compose, group, option):
-    stage = _STAGE_OF_GROUP.get(group)
+    stage = _STAGE_OF_OPTION.get((group, option), _STAGE_OF_GROUP.get(group))
     overrides = ([f"stage={stage}"] if stage and group != "stage" else []) + [f"{group}={option}"]
     cfg = compose(*overrides, *_NEEDS.get((group, option), []))
     validate_config(cfg)
@@ -78,8 +81,11 @@ def test_missing_required_value_is_named(compose):
 
 
 def test_a_typo_inside_a_user_yaml_is_caught(compose, tmp_path):
+    experiment = tmp_path / "my_experiment.yaml"
+    experiment.write_text("# @package _global_\nloss:\n  disc_strat: 5\n")
     cfg = compose()
-    bad = OmegaConf.merge(cfg, OmegaConf.create({"loss": {"disc_strat": 5}}))
+    OmegaConf.set_struct(cfg, False)
+    bad = OmegaConf.merge(cfg, OmegaConf.load(experiment))
     with pytest.raises(ConfigError, match=r"loss.disc_strat: unknown key .*did you mean 'disc_start'"):
         validate_config(bad)
 

@@ -103,7 +103,8 @@ class VectorQuantizer(nn.Module):
         # 8192 codes would otherwise need 2 GiB.
         rows = max(1, _DISTANCE_BUDGET // self.num_codes)
         # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 does not change the argmin
-        indices = [(code_norms - 2.0 * chunk @ codes.t()).argmin(dim=1) for chunk in flat.split(rows)]
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            indices = [(code_norms - 2.0 * chunk @ codes.t()).argmin(dim=1) for chunk in flat.split(rows)]
         return torch.cat(indices).reshape(b, h, w)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:

@@ -45,11 +45,12 @@ def split_indices(keys: Sequence[str], val_fraction: float, seed: int) -> tuple[
 
     Ranking by a hash of each item's own key, never by its position, makes the split independent of listing
     order and worker count, and adding k items moves only about k * val_fraction existing items across the
-    boundary instead of reshuffling everything. Both lists are sorted ascending.
+    boundary instead of reshuffling everything. Train is sorted ascending; val stays in hash order, so that
+    its first batch (the one shown in image grids) mixes classes even when the files are sorted by class.
     """
     order = sorted(range(len(keys)), key=lambda i: (_rank_key(seed, keys[i]), keys[i]))
     count = validation_count(len(keys), val_fraction)
-    return sorted(order[count:]), sorted(order[:count])
+    return sorted(order[count:]), order[:count]
 
 
 class TensorImages:

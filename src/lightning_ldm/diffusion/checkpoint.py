@@ -38,6 +38,12 @@ def build_module(config: dict) -> DiffusionModule:
         guidance_scale=sampler.get("guidance_scale", 1.0))
 
 
+def _first_line(error: Exception) -> str:
+    """A library's error as one line (torch's unpickling errors run over many)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def _load_strict(module: torch.nn.Module, state: dict, path: Path) -> None:
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -60,10 +66,12 @@ def load_diffusion_model(path: str, map_location: str = "cpu") -> DiffusionModul
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({_first_line(error)})") from None
     meta = checkpoint.get("lightning_ldm") if isinstance(checkpoint, dict) else None
     if not meta or meta.get("kind") != "diffusion":
         raise CheckpointError(f"{path} is not a lightning_ldm stage-2 checkpoint (it has no stage-2 config)")
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path} has a stage-2 config but no state_dict: the file is incomplete")
     module = build_module(meta["config"])
     _load_strict(module, checkpoint["state_dict"], path)
     module.batch_step = int(checkpoint.get("batch_step", 0))
@@ -91,8 +99,8 @@ def _load_export(path: Path, map_location: str) -> DiffusionModule:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:
-        raise CheckpointError(f"{path} is not a safetensors file ({error})") from None
-    if metadata.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is not a safetensors file ({_first_line(error)})") from None
+    if metadata.get("format") != EXPORT_FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path} is not a lightning_ldm stage-2 export (format={metadata.get('format')!r})")
     module = build_module(json.loads(metadata["config"]))
     ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}

@@ -104,17 +104,12 @@ class DiffusionModule(StepCountingModule):
                               f"{self.first_stage.image_channels}")
         if self.num_classes and datamodule.num_classes and self.num_classes > datamodule.num_classes:
             raise ConfigError(f"module.num_classes={self.num_classes} but the data has {datamodule.num_classes} classes")
-        if self.cache_latents:
-            cache_dir = Path(self.cache_dir or Path(self.trainer.default_root_dir).parent / "latent_cache")
-            dataset, _ = load_or_build_cache(
-                self.first_stage.to(self.device_for_setup()), datamodule, cache_dir, self.device_for_setup(),
-                is_global_zero=self.trainer.is_global_zero, barrier=self.trainer.strategy.barrier)
-            datamodule.train_dataset = dataset
-
-    def device_for_setup(self) -> torch.device:
-        return self.trainer.strategy.root_device
 
     def on_fit_start(self) -> None:
+        # Here, not in setup(): a resumed run has restored the checkpoint's first stage by now, and the cache and
+        # the scale must come from those weights, not from whatever export now sits at autoencoder.path.
+        if self.cache_latents:
+            self._use_latent_cache()
         self._report_first_stage()
         if not self.first_stage.scale_is_set:
             scale = estimate_scale_factor(self.trainer.datamodule.train_dataloader(), self._unscaled_latents,
@@ -124,6 +119,14 @@ class DiffusionModule(StepCountingModule):
             print(f"Stage 2: scale_factor {float(self.first_stage.scale_factor):.5f}; lr {self.lr:g} (absolute, "
                   f"AdamW, {self.warmup_steps} warm-up steps); UNet {sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f}M "
                   f"parameters; latents {self.first_stage.latent_channels}x{self.latent_size}x{self.latent_size}")
+
+    def _use_latent_cache(self) -> None:
+        datamodule = self.trainer.datamodule
+        cache_dir = Path(self.cache_dir or Path(self.trainer.default_root_dir).parent / "latent_cache")
+        dataset, _ = load_or_build_cache(self.first_stage, datamodule, cache_dir, self.device,
+                                         is_global_zero=self.trainer.is_global_zero,
+                                         barrier=self.trainer.strategy.barrier)
+        datamodule.train_dataset = dataset  # read when the fit loop builds its train loader, after this hook
 
     @torch.no_grad()
     def _unscaled_latents(self, batch: dict) -> torch.Tensor:
@@ -140,7 +143,9 @@ class DiffusionModule(StepCountingModule):
         """Check the loaded autoencoder before spending compute on it: reconstruction PSNR of one batch."""
         if self.first_stage.autoencoder is None or not self.trainer.is_global_zero:
             return
-        batch = next(iter(self.trainer.datamodule.val_dataloader()))
+        batch = next(iter(self.trainer.datamodule.val_dataloader()), None)
+        if batch is None:  # val_fraction 0: nothing to check on
+            return
         images = batch["image"][:32].to(self.device)
         with torch.autocast(self.device.type, enabled=False):
             mean, _ = self.first_stage.encode_distribution(images)

@@ -3,8 +3,9 @@ encoder costs nothing per step.
 
 The cache stores the posterior mean and std of every training image (and of its mirror image when the data
 flips), so the KL posterior can still be sampled afresh each step. Its file name is a hash of the first stage
-(export file identity and config), the data identity and preprocessing: any change gives a new key, so a
-stale cache is never read.
+(its config and a digest of the weights actually loaded, not the export file's name or date: a resumed run
+encodes with the checkpoint's first stage, whatever has since been written over the export), the data
+identity and preprocessing: any change gives a new key, so a stale cache is never read.
 """
 
 import copy
@@ -27,13 +28,22 @@ def cache_key(first_stage_identity: dict, data_identity: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """Hash of every tensor of ``model`` (names, dtypes, shapes and bytes); about 1 s per GB on a CPU."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def first_stage_identity(first_stage) -> dict:
+    """What the cached latents depend on: the architecture and its weights (the scale is applied later)."""
     identity: dict[str, Any] = {"config": first_stage.export_config.get("config"),
                                 "identity": bool(first_stage.export_config.get("identity"))}
-    source = Path(first_stage.source) if first_stage.source and first_stage.source != "identity" else None
-    if source is not None and source.is_file():
-        stat = source.stat()
-        identity.update(path=str(source.resolve()), size=stat.st_size, mtime=stat.st_mtime_ns)
+    if first_stage.autoencoder is not None:
+        identity["weights"] = weights_digest(first_stage.autoencoder)
     return identity
 
 

@@ -57,7 +57,7 @@ def sample(cfg: DictConfig) -> None:
 
     seeds = list(range(options.seed_start, options.seed_start + options.num_samples))
     mine = seeds[fabric.global_rank::fabric.world_size]
-    todo = [s for s in mine if options.format == "npz" or not (out_dir / f"{s:06d}.png").exists()]
+    todo = [s for s in mine if options.format == "npz" or True]
     shape = (module.first_stage.latent_channels, module.latent_size, module.latent_size)
     produced: dict[int, np.ndarray] = {}
     batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]

@@ -9,9 +9,32 @@ from torch import Tensor, nn
 Resample = Literal["none", "up", "down"]
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with ADM's 32 groups; autocast runs it in float32."""
-    return nn.GroupNorm(32, channels)
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps channels_last layouts under torch.compile.
+
+    torch.compile lowers nn.GroupNorm through a (B, G, -1) reshape and so hands the channels_last
+    convolutions NCHW gradients, which cuDNN copies back: 11 ms of a 104 ms LDM-4 training step on
+    an H100. Compiled, we normalise a (B, G, C/G, H, W) view instead, which keeps every tensor's
+    layout; eager, PyTorch's fused kernel is faster and leaner, so it stays.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self.layout_preserving_forward(x)
+        return super().forward(x)
+
+    def layout_preserving_forward(self, x: Tensor) -> Tensor:
+        groups = x.float().unflatten(1, (self.num_groups, -1))
+        var, mean = torch.var_mean(groups, dim=tuple(range(2, groups.ndim)), keepdim=True, correction=0)
+        y = ((groups - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)
+        affine = (-1,) + (1,) * (x.ndim - 2)
+        # float32 under autocast (its policy for group_norm), the model's dtype otherwise
+        return (y * self.weight.view(affine) + self.bias.view(affine)).to(torch.promote_types(x.dtype, self.weight.dtype))
+
+
+def group_norm(channels: int) -> GroupNorm:
+    """GroupNorm with ADM's 32 groups."""
+    return GroupNorm(32, channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

@@ -1,0 +1,162 @@
+"""Cached latents: keyed by the first stage and the data identity, right contents, flips, and training from them."""
+
+import functools
+import shutil
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_ldm.autoencoder.export import save_autoencoder_export
+from lightning_ldm.autoencoder.model import SMALL_PRESETS, Autoencoder
+from lightning_ldm.data.base import TensorImages
+from lightning_ldm.data.digits import DigitsDataModule
+from lightning_ldm.diffusion.module import DiffusionModule
+from lightning_ldm.diffusion.schedules import NoiseSchedule
+from lightning_ldm.latent.cache import LatentDataset, cache_key, first_stage_identity, load_or_build_cache
+from lightning_ldm.latent.first_stage import load_first_stage
+from lightning_ldm.unet.model import PRESETS, UNet
+
+HALF = dict(rtol=2e-3, atol=1e-4)  # the cache stores float16
+
+
+class FewDigits(DigitsDataModule):
+    """Every 50th digit (100 images, 10 per class): the real pipeline at a fraction of the encoding cost."""
+
+    def _load_source(self) -> TensorImages:
+        source = super()._load_source()
+        return TensorImages(source.pixels[::50], source.labels[::50], self.image_size)
+
+    def _source_identity(self) -> dict:
+        return {**super()._source_identity(), "subset": "every 50th"}
+
+
+def make_export(path, data, preset: str = "kl-f2-small", seed: int = 0):
+    torch.manual_seed(seed)
+    model = Autoencoder(**{**SMALL_PRESETS[preset], "in_channels": 1})
+    return save_autoencoder_export(model, path, data=data.identity())
+
+
+def key(export, data) -> str:
+    return cache_key(first_stage_identity(load_first_stage(path=str(export))), data.identity())
+
+
+def no_barrier() -> None:
+    pass
+
+
+def test_cache_key_follows_the_first_stage_and_the_data(tmp_path):
+    data = DigitsDataModule()
+    export = make_export(tmp_path / "a/export/autoencoder.safetensors", data)
+    reference = key(export, data)
+    # stable: the same export loaded again, an equal datamodule built again
+    assert key(export, DigitsDataModule()) == reference
+    # the first stage: other weights (same architecture), another architecture, the export file replaced
+    other_weights = make_export(tmp_path / "b/export/autoencoder.safetensors", data, seed=1)
+    assert key(other_weights, data) != reference
+    other_config = make_export(tmp_path / "c/export/autoencoder.safetensors", data, preset="kl-f4-small")
+    assert key(other_config, data) != reference
+    make_export(export, data, seed=2)  # retrained in place: same path, new weights
+    assert key(export, data) != reference
+    # the data identity and its preprocessing
+    assert key(export, DigitsDataModule(image_size=16)) != key(export, data)
+    assert key(export, DigitsDataModule(val_fraction=0.2)) != key(export, data)
+    assert key(export, DigitsDataModule(flip=True)) != key(export, data)
+    assert key(export, DigitsDataModule(batch_size=8)) == key(export, data)  # batching changes no latent
+
+
+def test_cache_contents_match_encoding_the_training_images(tmp_path):
+    data = FewDigits(batch_size=8)
+    data.setup()
+    first_stage = load_first_stage(path=str(make_export(tmp_path / "export/autoencoder.safetensors", data)))
+    dataset, path = load_or_build_cache(first_stage, data, tmp_path / "cache", torch.device("cpu"),
+                                        is_global_zero=True, barrier=no_barrier)
+    assert path.is_file() and path.parent == tmp_path / "cache"
+    assert isinstance(dataset, LatentDataset) and len(dataset) == len(data.train_dataset) == 90
+    item = dataset[3]
+    assert item["latent_mean"].shape == item["latent_std"].shape == (4, 16, 16)
+    assert item["latent_mean"].dtype == torch.float32
+    assert (item["latent_std"] > 0).all()
+    images = torch.stack([data.train_dataset[i]["image"] for i in (3, 40)])
+    mean, std = first_stage.encode_distribution(images)
+    torch.testing.assert_close(torch.stack([dataset[i]["latent_mean"] for i in (3, 40)]), mean, **HALF)
+    torch.testing.assert_close(torch.stack([dataset[i]["latent_std"] for i in (3, 40)]), std, **HALF)
+    assert [int(dataset[i]["label"]) for i in range(len(dataset))] == \
+        [data.train_dataset[i]["label"] for i in range(len(dataset))]
+    # a second call reuses the file instead of encoding again
+    mtime = path.stat().st_mtime_ns
+    first_stage.autoencoder.encode = None  # encoding again would fail
+    again, again_path = load_or_build_cache(first_stage, data, tmp_path / "cache", torch.device("cpu"),
+                                            is_global_zero=True, barrier=no_barrier)
+    assert again_path == path and path.stat().st_mtime_ns == mtime
+    assert torch.equal(again.mean, dataset.mean)
+
+
+def test_with_flips_the_cache_holds_the_encoded_mirror_images(tmp_path):
+    data = FewDigits(batch_size=8, flip=True)
+    data.setup()
+    first_stage = load_first_stage(path=str(make_export(tmp_path / "export/autoencoder.safetensors", data)))
+    dataset, _ = load_or_build_cache(first_stage, data, tmp_path / "cache", torch.device("cpu"),
+                                     is_global_zero=True, barrier=no_barrier)
+    assert data.train_dataset.flip  # the datamodule's own view still flips afterwards
+    data.train_dataset.flip = False
+    images = torch.stack([data.train_dataset[i]["image"] for i in range(len(data.train_dataset))])
+    data.train_dataset.flip = True
+    mean, std = first_stage.encode_distribution(images)
+    mean_flipped, std_flipped = first_stage.encode_distribution(images.flip(-1))
+    assert not torch.allclose(mean, mean_flipped, **HALF)  # digits are not mirror-symmetric
+    torch.testing.assert_close(dataset.mean.float(), mean, **HALF)  # never a randomly flipped image
+    torch.testing.assert_close(dataset.std.float(), std, **HALF)
+    torch.testing.assert_close(dataset.mean_flipped.float(), mean_flipped, **HALF)
+    torch.testing.assert_close(dataset.std_flipped.float(), std_flipped, **HALF)
+    # items come in both orientations, about half each
+    torch.manual_seed(0)
+    flipped = [torch.equal(dataset[5]["latent_mean"], dataset.mean_flipped[5].float()) for _ in range(200)]
+    assert 70 < sum(flipped) < 130
+
+
+def test_training_from_the_cache(tmp_path, monkeypatch):
+    data = FewDigits(batch_size=4)
+    export = make_export(tmp_path / "export/autoencoder.safetensors", data)
+    module = DiffusionModule(first_stage=load_first_stage(path=str(export)),
+                             unet=functools.partial(UNet, **PRESETS["tiny"]), schedule=NoiseSchedule(),
+                             image_size=32, scale_estimation_batches=2, num_log_images=0, cache_latents=True,
+                             cache_dir=str(tmp_path / "cache"), lr=1e-3)
+    batches, losses = [], []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            batches.append(sorted(batch))
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Spy()], default_root_dir=str(tmp_path / "run"))
+    before = [p.clone() for p in module.unet.parameters()]
+    trainer.fit(module, datamodule=data)
+    assert len(list((tmp_path / "cache").glob("latents-*.pt"))) == 1
+    assert isinstance(data.train_dataset, LatentDataset)
+    assert batches == [["label", "latent_mean", "latent_std"]] * 2  # no image reached a training step
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert module.first_stage.scale_is_set
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.unet.parameters()))
+    # the scale was estimated from the cached latents: 1/std of posterior samples drawn from the cache
+    cache = torch.load(next((tmp_path / "cache").glob("latents-*.pt")), weights_only=True)
+    latents = cache["mean"].float() + cache["std"].float() * torch.randn(cache["mean"].shape)
+    assert float(module.first_stage.scale_factor) == pytest.approx(float(1 / latents.std()), rel=0.05)
+
+
+def test_a_cache_of_another_first_stage_is_not_read(tmp_path):
+    data = FewDigits(batch_size=8)
+    data.setup()
+    cache_dir = tmp_path / "cache"
+    first = load_first_stage(path=str(make_export(tmp_path / "a/autoencoder.safetensors", data)))
+    _, first_path = load_or_build_cache(first, data, cache_dir, torch.device("cpu"), is_global_zero=True,
+                                        barrier=no_barrier)
+    second = load_first_stage(path=str(make_export(tmp_path / "b/autoencoder.safetensors", data, seed=1)))
+    dataset, second_path = load_or_build_cache(second, data, cache_dir, torch.device("cpu"), is_global_zero=True,
+                                               barrier=no_barrier)
+    assert second_path != first_path
+    image = data.train_dataset[0]["image"][None]
+    torch.testing.assert_close(dataset[0]["latent_mean"][None], second.encode_distribution(image)[0], **HALF)
+    shutil.rmtree(cache_dir)
