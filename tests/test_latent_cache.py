@@ -160,3 +160,34 @@ def test_a_cache_of_another_first_stage_is_not_read(tmp_path):
     image = data.train_dataset[0]["image"][None]
     torch.testing.assert_close(dataset[0]["latent_mean"][None], second.encode_distribution(image)[0], **HALF)
     shutil.rmtree(cache_dir)
+
+
+def test_a_resumed_run_caches_the_checkpoints_first_stage_not_a_replaced_export(tmp_path):
+    data = FewDigits(batch_size=4)
+    export = make_export(tmp_path / "export/autoencoder.safetensors", data)
+
+    def module():
+        return DiffusionModule(first_stage=load_first_stage(path=str(export)),
+                               unet=functools.partial(UNet, **PRESETS["tiny"]), schedule=NoiseSchedule(),
+                               image_size=32, scale_estimation_batches=1, num_log_images=0, cache_latents=True,
+                               cache_dir=str(tmp_path / "cache"))
+
+    def trainer(max_steps, **kwargs):
+        return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         **kwargs)
+
+    first = module()
+    trained_weights = {k: v.clone() for k, v in first.first_stage.state_dict().items()}
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer(1, callbacks=[checkpoints]).fit(first, datamodule=data)
+    caches = sorted((tmp_path / "cache").glob("latents-*.pt"))
+    assert len(caches) == 1
+
+    make_export(export, data, seed=5)  # a newer stage 1 written over the export the run started from
+    resumed = module()
+    trainer(2, enable_checkpointing=False).fit(resumed, datamodule=FewDigits(batch_size=4),
+                                               ckpt_path=str(tmp_path / "checkpoints/last.ckpt"))
+    for key, value in resumed.first_stage.state_dict().items():
+        assert torch.equal(value, trained_weights[key] if key != "scale_factor" else first.first_stage.scale_factor)
+    assert sorted((tmp_path / "cache").glob("latents-*.pt")) == caches  # the latents of the weights in use

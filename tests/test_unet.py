@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning_ldm.errors import ConfigError, DataError
 from lightning_ldm.unet import PRESETS, UNet, timestep_embedding
 from lightning_ldm.unet.attention import Attention, SelfAttention, SpatialTransformer
-from lightning_ldm.unet.blocks import ResBlock
+from lightning_ldm.unet.blocks import GroupNorm, ResBlock, Upsample
 
 TINY = dict(PRESETS["tiny"])  # 4 channels in, 32 model channels, mult (1, 2), attention at ds 2
 MODES = {
@@ -137,6 +137,29 @@ def test_film_resblock_matches_formula():
     h = block.norm2(block.conv1(F.silu(block.norm1(x)))) * (1 + scale) + shift
     expected = block.skip(x) + block.conv2(F.silu(h))
     torch.testing.assert_close(block(x, emb), expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_upsample_equals_nearest_then_conv(channels_last):
+    torch.manual_seed(0)
+    up = perturb(Upsample(8))
+    x = torch.randn(2, 8, 5, 7, requires_grad=True)
+    naive = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    fast = up(x.to(memory_format=torch.channels_last) if channels_last else x)
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(naive)
+    expected = torch.autograd.grad((naive * g).sum(), (x, up.conv.weight, up.conv.bias))
+    torch.testing.assert_close(torch.autograd.grad((fast * g).sum(), (x, up.conv.weight, up.conv.bias)), expected)
+
+
+def test_compiled_group_norm_path_matches_and_keeps_layout():
+    torch.manual_seed(0)
+    norm = perturb(GroupNorm(32, 64))
+    x = torch.randn(2, 64, 3, 5).to(memory_format=torch.channels_last)
+    y = norm.layout_preserving_forward(x)
+    torch.testing.assert_close(y, torch.nn.GroupNorm.forward(norm, x), atol=1e-5, rtol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert norm.to(torch.bfloat16).layout_preserving_forward(x.bfloat16()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("mode", ["adm", "crossattn"])
@@ -292,3 +315,16 @@ def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as err:
         UNet(**dict(TINY, **overrides))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["crossattn", "film-updown"])
+def test_compiles_without_graph_breaks(mode):
+    config = dict(MODES[mode], use_checkpoint=True)
+    model = perturb(build(config)).to(memory_format=torch.channels_last)
+    kwargs = inputs(config)
+    expected = model(**kwargs)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
+    out = compiled(**kwargs)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

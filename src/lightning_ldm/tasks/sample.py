@@ -57,7 +57,7 @@ def sample(cfg: DictConfig) -> None:
 
     seeds = list(range(options.seed_start, options.seed_start + options.num_samples))
     mine = seeds[fabric.global_rank::fabric.world_size]
-    todo = [s for s in mine if options.format == "npz" or True]
+    todo = [s for s in mine if options.format == "npz" or not (out_dir / f"{s:06d}.png").exists()]
     shape = (module.first_stage.latent_channels, module.latent_size, module.latent_size)
     produced: dict[int, np.ndarray] = {}
     batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
@@ -78,7 +78,8 @@ def sample(cfg: DictConfig) -> None:
     fabric.barrier()
     if options.format == "npz":
         np.savez(out_dir / f"samples_rank{fabric.global_rank}.npz", seeds=np.array(list(produced)),
-                 images=np.stack(list(produced.values())) if produced else np.zeros((0,) + shape))
+                 images=np.stack(list(produced.values())) if produced else np.zeros(
+                     (0, module.image_size, module.image_size, module.first_stage.image_channels), np.uint8))
     if fabric.is_global_zero:
         first = [s for s in seeds[:options.grid_size]]
         grid_images = []

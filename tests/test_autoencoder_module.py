@@ -1,0 +1,136 @@
+"""The stage-1 LightningModule: batch counting, discriminator gating, accumulation, the NaN guard."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_ldm.autoencoder.model import SMALL_PRESETS, Autoencoder
+from lightning_ldm.autoencoder.module import AutoencoderModule
+from lightning_ldm.errors import ConfigError, NonFiniteLossError
+from lightning_ldm.losses.autoencoder_loss import AutoencoderLoss
+
+
+class TinyImages(L.LightningDataModule):
+    """Random 1-channel 8x8 images; ``poison`` puts a NaN in every image."""
+
+    def __init__(self, n: int = 32, size: int = 16, poison: bool = False, batch_size: int = 4):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 1, size, size, generator=generator) * 2 - 1
+        if poison:
+            self.images[:, :, 0, 0] = float("nan")
+        self.image_size, self.channels, self.batch_size = size, 1, batch_size
+
+    def _loader(self):
+        data = [{"image": image, "label": 0} for image in self.images]
+        return DataLoader(data, batch_size=self.batch_size, shuffle=False)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return self._loader()
+
+
+def make_module(max_steps=6, disc_start=3, accumulate=1, clip=None, **loss_kwargs) -> AutoencoderModule:
+    torch.manual_seed(0)
+    autoencoder = Autoencoder(in_channels=1, **{**SMALL_PRESETS["kl-f2-small"], "resolution": 16})
+    loss = AutoencoderLoss(image_channels=1, perceptual_weight=0.0, disc_start=disc_start, disc_ndf=32,
+                           disc_layers=2, **loss_kwargs)
+    return AutoencoderModule(autoencoder=autoencoder, loss=loss, max_steps=max_steps, lr=1e-3,
+                             accumulate_grad_batches=accumulate, grad_clip_norm=clip, image_log_every=0,
+                             num_log_images=2)
+
+
+def fit(module, tmp_path, data=None, **trainer_kwargs):
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        limit_val_batches=0, **trainer_kwargs)
+    trainer.fit(module, datamodule=data or TinyImages())
+    return trainer
+
+
+def test_max_steps_counts_batches_not_optimizer_steps(tmp_path):
+    module = make_module(max_steps=6, disc_start=2)
+    trainer = fit(module, tmp_path)
+    assert module.batch_step == 6
+    # Lightning's own counter advanced once per generator step and once per discriminator step (batches 2..5).
+    assert trainer.global_step == 6 + 4
+
+
+def test_discriminator_is_not_touched_before_disc_start(tmp_path, monkeypatch):
+    module = make_module(max_steps=5, disc_start=3)
+    calls = []
+    module.loss.discriminator.register_forward_hook(lambda *args: calls.append(module.batch_step))
+    before = [p.detach().clone() for p in module.loss.discriminator.parameters()]
+    grads = []
+    original = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(module.batch_step) or original(*a, **k))
+    fit(module, tmp_path)
+    assert min(calls) == 3 and min(grads) == 3
+    after = list(module.loss.discriminator.parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))  # and it trains once active
+
+
+def test_generator_loss_leaves_no_gradient_in_the_discriminator(tmp_path):
+    """With both optimisers stepping per batch, g_loss must not update D (toggle_optimizer)."""
+    module = make_module(max_steps=1, disc_start=0)
+    torch.manual_seed(0)
+    module.loss.discriminator.train()
+    seen = {}
+
+    def record(optimizer):
+        seen.setdefault(len(seen), [p.grad is not None and bool(p.grad.abs().sum() > 0)
+                                     for p in module.loss.discriminator.parameters()])
+
+    original_step = module._step
+    module._step = lambda optimizer: (record(optimizer), original_step(optimizer))
+    fit(module, tmp_path)
+    generator_step, discriminator_step = seen[0], seen[1]
+    names = [n for n, _ in module.loss.discriminator.named_parameters()]
+    assert not any(generator_step)
+    # Every weight learns in the D step (the last bias may not: with every hinge term active its gradient,
+    # -mean(1) + mean(1), is exactly zero).
+    assert all(g for n, g in zip(names, discriminator_step) if n.endswith("weight"))
+
+
+def test_accumulation_steps_once_per_n_batches(tmp_path):
+    module = make_module(max_steps=6, disc_start=100, accumulate=3)
+    steps = []
+    original_step = module._step
+    module._step = lambda optimizer: (steps.append(module.batch_step), original_step(optimizer))
+    fit(module, tmp_path)
+    assert steps == [2, 5]
+
+
+def test_gradient_clipping_bounds_the_norm(tmp_path):
+    module = make_module(max_steps=1, disc_start=100, clip=1e-3)
+    norms = []
+
+    def step(optimizer):
+        module.clip_gradients(optimizer, gradient_clip_val=module.grad_clip_norm, gradient_clip_algorithm="norm")
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
+        optimizer.zero_grad()
+
+    module._step = step
+    fit(module, tmp_path)
+    assert norms[0] <= 1e-3 * 1.0001
+
+
+def test_nan_loss_stops_with_a_checkpoint(tmp_path):
+    module = make_module(max_steps=4)
+    with pytest.raises(NonFiniteLossError, match="generator loss is nan at batch 0") as info:
+        fit(module, tmp_path, data=TinyImages(poison=True))
+    path = tmp_path / "checkpoints" / "nonfinite-step0.ckpt"
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert torch.isfinite(next(iter(checkpoint["state_dict"].values()))).all()
+
+
+def test_image_size_must_be_divisible_by_f(tmp_path):
+    module = make_module()
+    module.autoencoder = Autoencoder(in_channels=1, **{**SMALL_PRESETS["kl-f4-small"], "resolution": 16})
+    with pytest.raises(ConfigError, match="data.image_size=18 is not divisible .* f=4"):
+        fit(module, tmp_path, data=TinyImages(size=18))
