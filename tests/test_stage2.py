@@ -293,6 +293,16 @@ def test_sample_task_writes_images_and_grid_and_resumes(trained, monkeypatch):
     assert np.array_equal(read_png(images / "000003.png"), first["000003.png"])  # seed 3 alone = in a batch
 
 
+def test_sample_task_npz_from_the_ema_export(trained, tmp_path):
+    export = save_ema_export(trained.module, tmp_path / "ldm-ema.safetensors")
+    sample(sample_config(trained, "npz_run", ckpt=str(export), format="npz", num_samples=3, batch_size=2))
+    arrays = np.load(trained.root / "npz_run/images/samples_rank0.npz")
+    assert arrays["seeds"].tolist() == [0, 1, 2]
+    assert arrays["images"].shape == (3, 32, 32, 1) and arrays["images"].dtype == np.uint8
+    grid = read_png(trained.root / "npz_run/grid.png")
+    assert grid.shape == (2 + 2 * 34, 2 + 2 * 34, 3)  # 3 images on a 2 x 2 grid
+
+
 @pytest.mark.parametrize("sampler, eta", [("dpmpp_2m", None), ("ddim", 0.0)])
 def test_an_image_depends_on_its_seed_only(trained, sampler, eta):
     sample(sample_config(trained, f"{sampler}_a", sampler=sampler, eta=eta, seed_start=0, num_samples=8,

@@ -24,7 +24,8 @@ MODES = {
 
 def inputs(config: dict, batch: int = 2, size: int = 8, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    kwargs = dict(x=torch.randn(batch, config["in_channels"], size, size, generator=g), t=torch.tensor([3, 917])[:batch])
+    x = torch.randn(batch, config["in_channels"], size, size, generator=g)
+    kwargs = dict(x=x, t=torch.tensor([3, 917])[:batch])
     if config.get("num_classes"):
         kwargs["y"] = torch.arange(batch) % config["num_classes"]
     if config.get("concat_channels"):
@@ -233,9 +234,11 @@ def attention_sizes(model: UNet, size: int) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("ds, expected", [((), [4]), ((1,), [16, 16, 4, 16, 16, 16]), ((2, 4), [8, 8, 4, 4, 4, 4, 4, 4, 8, 8, 8])])
+@pytest.mark.parametrize(
+    "ds, expected", [((), [4]), ((1,), [16, 16, 4, 16, 16, 16]), ((2, 4), [8, 8, 4, 4, 4, 4, 4, 4, 8, 8, 8])]
+)
 def test_attention_placement(ds, expected):
-    # mult (1, 2, 4) at 16x16: levels at 16, 8 and 4 pixels = ds 1, 2, 4; the middle (ds 4) always attends
+    # mult (1, 1, 2) at 16x16: levels at 16, 8 and 4 pixels = ds 1, 2, 4; the middle (ds 4) always attends
     model = UNet(in_channels=3, model_channels=32, channel_mult=(1, 1, 2), num_res_blocks=2, attention_resolutions=ds)
     assert attention_sizes(model, 16) == expected
 

@@ -72,7 +72,8 @@ class UNet(nn.Module):
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        channel_mult, attention_resolutions = [int(m) for m in channel_mult], [int(d) for d in attention_resolutions]
+        channel_mult = [int(m) for m in channel_mult]
+        attention_resolutions = [int(d) for d in attention_resolutions]
         self.config: dict[str, Any] = dict(
             in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
             channel_mult=channel_mult, num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
@@ -170,38 +171,48 @@ class UNet(nn.Module):
             return checkpoint(stage, h, emb, context, use_reentrant=False)
         return stage(h, emb, context)
 
-    def _check_inputs(self, x: Tensor, y: Optional[Tensor], context: Optional[Tensor], concat: Optional[Tensor]) -> None:
+    def _check_inputs(
+        self, x: Tensor, y: Optional[Tensor], context: Optional[Tensor], concat: Optional[Tensor]
+    ) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise DataError(f"UNet input has shape {tuple(x.shape)}; expected (B, {self.in_channels}, H, W): set unet.in_channels to the latent channels")
+            raise DataError(f"UNet input has shape {tuple(x.shape)}, expected (B, {self.in_channels}, H, W): "
+                            "set unet.in_channels to the latent channels")
         if x.shape[-2] % self.downsampling or x.shape[-1] % self.downsampling:
-            raise DataError(f"UNet input is {x.shape[-2]}x{x.shape[-1]}, not divisible by {self.downsampling} = 2^(len(channel_mult) - 1): change the image size or unet.channel_mult")
+            raise DataError(f"UNet input is {x.shape[-2]}x{x.shape[-1]}, not divisible by {self.downsampling} = "
+                            "2^(len(channel_mult) - 1): change the image size or unet.channel_mult")
         if self.label_embed is not None and y is None:
-            raise ConfigError("unet.conditioning is 'adm' but no class labels y were given: pass y or set conditioning: none")
+            raise ConfigError("unet.conditioning is 'adm' but no class labels y were given: pass y or set "
+                              "conditioning: none")
         if self.conditioning == "crossattn" and context is None and (y is None or self.class_context is None):
-            raise ConfigError("unet.conditioning is 'crossattn' but neither context nor (with unet.num_classes set) labels y were given")
-        if (concat is None) != (self.concat_channels == 0) or (concat is not None and concat.shape[1] != self.concat_channels):
-            got = 0 if concat is None else concat.shape[1]
-            raise ConfigError(f"unet.concat_channels is {self.concat_channels} but the concat input has {got} channels: make them match")
+            raise ConfigError("unet.conditioning is 'crossattn' but neither context nor (with unet.num_classes "
+                              "set) labels y were given")
+        got = 0 if concat is None else concat.shape[1]
+        if got != self.concat_channels:
+            raise ConfigError(f"unet.concat_channels is {self.concat_channels} but the concat input has {got} "
+                              "channels: make them match")
 
 
 def _validate(c: dict[str, Any]) -> None:
     """One-line ConfigErrors for settings the architecture cannot build or would silently ignore."""
-    levels = len(c["channel_mult"])
+    mult, levels = c["channel_mult"], len(c["channel_mult"])
     factors = [2**i for i in range(levels)]
-    if levels == 0 or min(c["channel_mult"]) < 1 or c["num_res_blocks"] < 1:
+    if levels == 0 or min(mult) < 1 or c["num_res_blocks"] < 1:
         raise ConfigError("unet.channel_mult must be a non-empty list of positive ints and unet.num_res_blocks >= 1")
     if c["model_channels"] % 32:
-        raise ConfigError(f"unet.model_channels = {c['model_channels']} must be a multiple of 32 (GroupNorm uses 32 groups)")
+        raise ConfigError(f"unet.model_channels = {c['model_channels']} must be a multiple of 32 "
+                          "(GroupNorm uses 32 groups)")
     unreachable = [d for d in c["attention_resolutions"] if d not in factors]
     if unreachable:
-        raise ConfigError(f"unet.attention_resolutions {unreachable} are not downsampling factors of this UNet ({factors}); they are factors ds, not pixel sizes")
+        raise ConfigError(f"unet.attention_resolutions {unreachable} are not downsampling factors of this UNet "
+                          f"({factors}); they are factors ds, not pixel sizes")
     if c["num_heads"] > 0 and c["num_head_channels"] > 0:
         raise ConfigError("set only one of unet.num_heads and unet.num_head_channels (the other to -1)")
-    attn_channels = {c["model_channels"] * c["channel_mult"][factors.index(d)] for d in c["attention_resolutions"]}
-    attn_channels.add(c["model_channels"] * c["channel_mult"][-1])  # the middle block always attends
+    attn_channels = {c["model_channels"] * mult[factors.index(d)] for d in c["attention_resolutions"]}
+    attn_channels.add(c["model_channels"] * mult[-1])  # the middle block always attends
     divisor = c["num_head_channels"] if c["num_head_channels"] > 0 else max(c["num_heads"], 1)
     if any(ch % divisor for ch in attn_channels):
-        raise ConfigError(f"attention widths {sorted(attn_channels)} are not all divisible by unet.num_heads / num_head_channels = {divisor}")
+        raise ConfigError(f"attention widths {sorted(attn_channels)} are not all divisible by "
+                          f"unet.num_heads / num_head_channels = {divisor}")
     cond, num_classes, context_dim = c["conditioning"], c["num_classes"], c["context_dim"]
     if cond not in ("none", "adm", "crossattn"):
         raise ConfigError(f"unet.conditioning = {cond!r}; choose none, adm or crossattn")
@@ -210,9 +221,11 @@ def _validate(c: dict[str, Any]) -> None:
     if cond == "crossattn" and not context_dim:
         raise ConfigError("unet.conditioning 'crossattn' needs unet.context_dim (512 for LDM's class embedding)")
     if cond == "none" and num_classes is not None:
-        raise ConfigError("unet.num_classes is set but unet.conditioning is 'none': set conditioning to adm or crossattn")
+        raise ConfigError("unet.num_classes is set but unet.conditioning is 'none': set conditioning to adm "
+                          "or crossattn")
     if c["concat_channels"] < 0 or c["transformer_depth"] < 1 or not 0.0 <= c["dropout"] < 1.0:
-        raise ConfigError("unet.concat_channels must be >= 0, unet.transformer_depth >= 1 and 0 <= unet.dropout < 1")
+        raise ConfigError("unet.concat_channels must be >= 0, unet.transformer_depth >= 1 and "
+                          "0 <= unet.dropout < 1")
 
 
 # Paper configurations (Rombach et al. 2022, Tab. 12-15 / the released LDM configs) and small ones.
