@@ -45,6 +45,35 @@ class SampleConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """``stage=evaluate`` (see conf/stage/evaluate.yaml for what each key means)."""
+
+    ckpt: Optional[str] = None
+    num_samples: int = 50000
+    seed_start: int = 0
+    batch_size: int = 250
+    sampler: Optional[Literal["ddpm", "ddim", "dpmpp_2m"]] = None
+    steps: Optional[int] = None
+    eta: Optional[float] = None
+    guidance_scale: Optional[float] = None
+    classes: Optional[list[int]] = None
+    use_ema: bool = True
+    metrics: list[Literal["fid", "kid", "is", "prc"]] = field(default_factory=lambda: ["fid", "kid", "is", "prc"])
+    feature_extractor: Any = None  # a FeatureExtractorSpec node, checked against its signature
+    reference_num_images: Optional[int] = None
+    reference_cache_dir: Optional[str] = None
+    split: Literal["train", "val"] = "val"
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    prc_neighborhood: int = 3
+    report: Optional[str] = None
+    num_grid_images: int = 64
+    accelerator: str = "auto"
+    devices: int = 1
+    precision: Optional[str] = None
+
+
+@dataclass
 class RunConfig:
     """Top-level keys. Groups that are instantiated (data, module, trainer, ...) are typed by their targets."""
 
@@ -57,6 +86,7 @@ class RunConfig:
     experiment_name: Optional[str] = None
     tags: list = field(default_factory=list)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # Instantiated groups: their keys are checked against the targets' signatures.
     data: Any = None
     unet: Any = None

@@ -6,10 +6,10 @@ an optional min-SNR-gamma weight w). Class labels are dropped to a null class wi
 """
 
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from lightning_ldm.diffusion.guidance import cfg_model_fn
@@ -112,13 +112,22 @@ class DiffusionModule(StepCountingModule):
             self._use_latent_cache()
         self._report_first_stage()
         if not self.first_stage.scale_is_set:
-            scale = estimate_scale_factor(self.trainer.datamodule.train_dataloader(), self._unscaled_latents,
+            scale = estimate_scale_factor(self._scale_estimation_loader(), self._unscaled_latents,
                                           self.scale_estimation_batches, self.device)
             self.first_stage.scale_factor.fill_(scale)
         if self.trainer.is_global_zero:
             print(f"Stage 2: scale_factor {float(self.first_stage.scale_factor):.5f}; lr {self.lr:g} (absolute, "
                   f"AdamW, {self.warmup_steps} warm-up steps); UNet {sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f}M "
                   f"parameters; latents {self.first_stage.latent_channels}x{self.latent_size}x{self.latent_size}")
+
+    def _scale_estimation_loader(self) -> DataLoader:
+        """Each rank reads different training batches (a distributed sampler), so more ranks see more data."""
+        datamodule = self.trainer.datamodule
+        dataset = datamodule.train_dataset
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
+        return DataLoader(dataset, batch_size=datamodule.batch_size, sampler=sampler,
+                          num_workers=getattr(datamodule, "num_workers", 0))
 
     def _use_latent_cache(self) -> None:
         datamodule = self.trainer.datamodule

@@ -117,6 +117,8 @@ def load_first_stage(*, path: Optional[str] = None, search_root: str = "outputs"
         print(f"First stage: newest matching stage-1 export {export}")
     else:
         export = Path(path).expanduser()
+        if export.suffix == ".ckpt":
+            return first_stage_from_checkpoint(export, sample_posterior)
         print(f"First stage: {export}")
     model, metadata = load_autoencoder_export(export)
     config = metadata["config"]
@@ -140,3 +142,22 @@ def rebuild_first_stage(export_config: dict, sample_posterior: bool) -> FrozenFi
                             downsampling_factor=model.downsampling_factor, image_channels=config["in_channels"],
                             regularizer=config["regularizer"], sample_posterior=sample_posterior,
                             source=export_config.get("export", ""))
+
+
+def first_stage_from_checkpoint(path: Path, sample_posterior: bool) -> FrozenFirstStage:
+    """The first stage stored inside a stage-2 checkpoint: what a resumed run must keep using, even if the
+    export it started from has since been overwritten or deleted."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        config = checkpoint["lightning_ldm"]["config"]["first_stage"]
+        state = {k[len("first_stage."):]: v for k, v in checkpoint["state_dict"].items()
+                 if k.startswith("first_stage.")}
+    except Exception as error:
+        raise CheckpointError(f"{path} holds no lightning_ldm stage-2 first stage ({type(error).__name__})") from None
+    first_stage = rebuild_first_stage(config, sample_posterior)
+    try:
+        first_stage.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: first-stage weights do not match its config ({str(error).splitlines()[0]})") from None
+    print(f"First stage: from the stage-2 checkpoint {path} (originally {first_stage.source or 'identity'})")
+    return first_stage

@@ -39,10 +39,15 @@ def fit(cfg: DictConfig) -> Optional[float]:
     record_run(cfg, run_dir)
     print(f"Run directory: {run_dir}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_path = resume_checkpoint(cfg.resume, run_dir)
+    if ckpt_path and cfg.task.name == "diffusion" and cfg.autoencoder.get("path", "") is None:
+        # A resumed stage 2 keeps the first stage it was trained with (stored in its checkpoint), not
+        # whatever export is newest now.
+        cfg.autoencoder.path = ckpt_path
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.resume, run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     print(f"Done. Run directory: {run_dir}")
     monitored = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     return float(monitored) if monitored is not None else None

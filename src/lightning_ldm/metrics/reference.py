@@ -1,0 +1,144 @@
+"""Reference statistics of the real images, computed once and cached on disk.
+
+The images are the data module's own split views with the random flip switched off: the same decoding, crop,
+resize, channel conversion and [-1, 1] scaling as the training loader, then the same 8-bit quantisation as the
+samples (FID is off by 2-3x when reference images are preprocessed differently from the training images).
+
+The cache file ``<cache_dir>/<data>-<split>-<n>-<label>-<hash>.npz`` holds mu, sigma, its square root, n, the
+key as JSON and, when KID or precision/recall need them, the features. The key is the data identity
+(``datamodule.identity()``: source, size, channels, resize filter, split rule...), the split, which images
+(count and subset rule) and the extractor (name, layer, weights SHA-256): change any of them and the file name
+changes, so the statistics are recomputed; keep them and the file is reused without running the extractor.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_ldm.metrics.distributed import broadcast_object, gather_rows, rank_and_world, shard
+from lightning_ldm.metrics.features import FeatureExtractor
+from lightning_ldm.metrics.frechet import GaussianStatistics
+
+CACHE_VERSION = 1
+SUBSET_SEED = 0
+
+
+@dataclass
+class Reference:
+    statistics: GaussianStatistics
+    features: Optional[torch.Tensor]  # (n, D) float32 when kept for KID / precision-recall
+    key: dict[str, Any]
+    digest: str  # SHA-256 of the key: names the file and identifies the statistics in reports
+    path: Path
+    reused: bool
+
+
+def unflipped(dataset: Dataset) -> Dataset:
+    """The same view of the data without the random horizontal flip (the reference must be deterministic)."""
+    from lightning_ldm.data.base import SplitView
+
+    if isinstance(dataset, SplitView):
+        return SplitView(dataset.source, dataset.indices, flip=False, skip_corrupt=dataset.skip_corrupt)
+    if getattr(dataset, "flip", False):
+        raise TypeError(f"{type(dataset).__name__} flips images at random; give the reference an unflipped view")
+    return dataset
+
+
+def reference_indices(total: int, count: Optional[int]) -> list[int]:
+    """All images, or a fixed random subset of ``count`` (a prefix could be a few classes of a sorted set)."""
+    if count is None or count >= total:
+        return list(range(total))
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:count]
+    return sorted(chosen.tolist())
+
+
+def reference_key(identity: dict, split: str, count: int, total: int, extractor: FeatureExtractor) -> dict:
+    described = {k: v for k, v in extractor.describe().items() if k != "file"}  # the hash names the weights
+    subset = "all" if count >= total else f"randperm(seed={SUBSET_SEED})"
+    return {"version": CACHE_VERSION, "data": identity, "split": split,
+            "images": {"count": count, "of": total, "subset": subset},
+            "preprocessing": "data-module view without random flip, 8-bit quantised", "extractor": described}
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cache_path(cache_dir: Path, key: dict) -> Path:
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(key["data"].get("name", "data")))
+    label = key["extractor"]["label"]
+    return Path(cache_dir) / f"{name}-{key['split']}-{key['images']['count']}-{label}-{key_digest(key)[:16]}.npz"
+
+
+@torch.no_grad()
+def dataset_features(dataset: Dataset, indices: list[int], extractor: FeatureExtractor, batch_size: int,
+                     num_workers: int = 0) -> torch.Tensor:
+    """Features of ``dataset[indices]`` in that order; each rank extracts its block, every rank gets all."""
+    rank, world = rank_and_world()
+    mine = [indices[i] for i in shard(len(indices), rank, world)]
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    chunks = [extractor(batch["image"].to(extractor.device))["features"] for batch in loader]
+    local = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float32, device=extractor.device)
+    return gather_rows(local)
+
+
+def load_or_compute_reference(dataset: Dataset, *, identity: dict, extractor: FeatureExtractor, cache_dir: Path,
+                              split: str = "train", count: Optional[int] = None, batch_size: int = 64,
+                              keep_features: bool = False, num_workers: int = 0,
+                              log: Callable[[str], None] = print) -> Optional[Reference]:
+    """The reference on rank 0 (None on other ranks, which only help extracting); call it on every rank."""
+    indices = reference_indices(len(dataset), count)
+    key = reference_key(identity, split, len(indices), len(dataset), extractor)
+    path = cache_path(cache_dir, key)
+    rank, _ = rank_and_world()
+    cached = _load(path, key, keep_features) if rank == 0 else None
+    if broadcast_object(cached is not None):
+        if rank == 0:
+            log(f"Reference statistics: reusing {path} ({len(indices)} {split} images, {extractor.label})")
+        return cached
+    if rank == 0:
+        log(f"Reference statistics: extracting {extractor.label} features of {len(indices)} {split} images -> {path}")
+    features = dataset_features(dataset, indices, extractor, batch_size, num_workers)
+    if rank != 0:
+        return None
+    statistics = GaussianStatistics.from_features(features)
+    statistics.root()  # computed once here and stored, never again per evaluation
+    reference = Reference(statistics, features if keep_features else None, key, key_digest(key), path, reused=False)
+    _save(reference)
+    return reference
+
+
+def _save(reference: Reference) -> None:
+    stats = reference.statistics
+    arrays = {"mu": stats.mu.cpu().numpy(), "sigma": stats.sigma.cpu().numpy(), "n": np.array(stats.n),
+              "sqrt_sigma": stats.root().cpu().numpy(), "key": np.array(json.dumps(reference.key, default=str))}
+    if reference.features is not None:
+        arrays["features"] = reference.features.cpu().numpy()
+    reference.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = reference.path.with_name(f".{reference.path.name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, reference.path)  # atomic: a reader never sees half a file
+
+
+def _load(path: Path, key: dict, need_features: bool) -> Optional[Reference]:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if json.loads(str(data["key"])) != json.loads(json.dumps(key, default=str)):
+                return None
+            if need_features and "features" not in data:
+                return None
+            stats = GaussianStatistics(torch.from_numpy(data["mu"]), torch.from_numpy(data["sigma"]), int(data["n"]),
+                                       sqrt_sigma=torch.from_numpy(data["sqrt_sigma"]))
+            features = torch.from_numpy(data["features"]) if "features" in data else None
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or from another version: recompute and overwrite
+    return Reference(stats, features, key, key_digest(key), path, reused=True)
