@@ -88,6 +88,10 @@ def write_folder(folder: Path, images: np.ndarray) -> Path:
     return folder
 
 
+class OneChannelLatents:
+    latent_channels = 1
+
+
 class StubDiffusion(StepCountingModule):
     """Stands in for DiffusionModule where only ``generate`` matters: sample i (found from its x_T) is a given
     image, plus noise of a strength that may depend on the batch counter (a model that gets better or worse)."""
@@ -97,7 +101,7 @@ class StubDiffusion(StepCountingModule):
         self.images = images  # [-1, 1] (N, C, H, W): the image of seed i is images[i]
         self.noise_by_step = noise_by_step or {}
         self.weight = nn.Parameter(torch.zeros(()))
-        self.first_stage = type("Latents", (), {"latent_channels": 1})()
+        self.first_stage = OneChannelLatents()
         self.latent_size = 2
         self.num_classes = None
         self.sampler_settings = {"name": "ddim", "steps": 3, "eta": 0.0, "guidance_scale": 1.0}

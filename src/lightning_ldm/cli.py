@@ -2,10 +2,9 @@
 
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-from lightning_ldm.errors import UserError
+from lightning_ldm.errors import ConfigError, UserError
 
 # An editable install (the supported way) runs from the repository, whose conf/ sits beside src/.
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -32,7 +31,8 @@ def quiet_known_warnings() -> None:
     import warnings
 
     for message in (r".*isinstance\(treespec, LeafSpec\).*",  # lightning on torch >= 2.10
-                    r".*does not have many workers.*",  # the embedded digits are in memory: workers don't help
+                    r".*does not have many workers.*",
+                    r".*'set_vital' is deprecated.*",  # torchdata's StatefulDataLoader on recent torch  # the embedded digits are in memory: workers don't help
                     r".*Experiment logs directory .* exists and is not empty.*"):  # resumed runs
         warnings.filterwarnings("ignore", message=message)
 
@@ -51,22 +51,94 @@ def print_error(error: BaseException, prefix: str = "") -> None:
     print(f"error: {prefix}{_one_line(error)}", file=sys.stderr)
 
 
-@contextmanager
-def exit_on_user_error():
-    """Inside a single run, a UserError ends the process with one line (before Hydra adds its own).
+class TrialFailure(Exception):
+    """A sweep trial that failed: its error as one line, without the traceback.
 
-    In a multirun sweep the error is re-raised instead, so Hydra records that trial as failed and goes on.
+    The traceback's frames hold the failed trial's model, optimizer and batches (GPU memory included);
+    Hydra keeps each trial's exception until the sweep ends, so the next trials would run without it.
     """
-    try:
-        yield
-    except UserError as error:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
 
-        print_error(error)
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        sys.exit(2)
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def finish_wandb_run(failed: bool) -> None:
+    """End this job's W&B run. Lightning's WandbLogger leaves it open, and the next trial of a sweep (same
+    process) would find it and log into it instead of starting its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def _forget_frames(error: BaseException) -> None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+
+
+def _check_search_is_a_multirun() -> None:
+    """Without -m Hydra ignores the sweeper: the Optuna search would quietly become one ordinary run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and not in_multirun():
+        sweeper = str(HydraConfig.get().get("sweeper", {}).get("_target_", ""))
+        if sweeper.endswith("OptunaSweeper"):
+            raise ConfigError("hparams_search: an Optuna search runs as a multirun; add -m "
+                              "(python -m lightning_ldm -m hparams_search=...)")
+
+
+class _JobBoundary:
+    def __enter__(self):
+        register_resolvers()  # under hydra/launcher=slurm a job runs in a fresh process
+        _check_search_is_a_multirun()
+        if in_multirun():  # what the previous trial left behind (reference cycles, cached GPU blocks)
+            import gc
+
+            gc.collect()
+            torch = sys.modules.get("torch")
+            if torch is not None and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        finish_wandb_run(failed=error is not None)
+        if not isinstance(error, Exception):  # success, or Ctrl-C / SystemExit: ends a sweep too
+            return False
+        if not in_multirun():
+            if isinstance(error, UserError):
+                print_error(error)
+                sys.exit(2)
+            return False
+        # A sweep trial: report it here, then let Hydra record the trial as failed and go on with the sweep.
+        cause = error.__cause__ if isinstance(error.__cause__, UserError) else error  # Hydra wraps constructors'
+        if isinstance(cause, UserError):
+            print_error(cause)
+        else:  # a bug or a resource error (OOM): the trial's own traceback, now, not when the sweep ends
+            import traceback as tb
+
+            print("error: trial failed:", file=sys.stderr)
+            tb.print_exception(error)
+        failure = TrialFailure(f"{type(cause).__name__}: {_one_line(cause)}")
+        _forget_frames(error)
+        del error, cause, traceback
+        raise failure from None
+
+
+def exit_on_user_error() -> _JobBoundary:
+    """The boundary of one job (one run, or one trial of a sweep), around validating and running the task.
+
+    A UserError in a single run ends the process with one line (before Hydra adds its own). In a multirun
+    sweep the trial's error is printed and raised as a ``TrialFailure`` instead, so that Hydra records the
+    trial as failed and the sweep goes on. Either way the job's W&B run is finished (marked failed if the
+    job failed), so that each trial of a sweep is its own run.
+    """
+    return _JobBoundary()
 
 
 def run_reporting_errors(hydra_main) -> None:

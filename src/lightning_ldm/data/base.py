@@ -12,6 +12,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import lightning.pytorch as pl
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_ldm.data.transforms import RESAMPLE_NAME, random_hflip, resize_uint8, to_signed_unit
@@ -145,8 +146,12 @@ class _UnwrappingIterator:
         return getattr(self._iterator, name)
 
 
-class ImageDataLoader(DataLoader):
-    """A DataLoader whose worker-side DataErrors reach the user as the original one-line DataError."""
+class ImageDataLoader(StatefulDataLoader):
+    """A DataLoader whose worker-side DataErrors reach the user as the original one-line DataError.
+
+    Stateful (torchdata): Lightning saves its position in every checkpoint, so a run resumed mid-epoch
+    continues with exactly the batches the uninterrupted run would have seen.
+    """
 
     def __iter__(self):
         return _UnwrappingIterator(super().__iter__())
@@ -226,6 +231,9 @@ class ImageDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # Its own generator: shuffling and worker seeds never draw from (or shift) the global RNG that
+            # training noise comes from, and the order is fixed by data.seed.
+            generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),
         )
 
     def identity(self) -> dict[str, Any]:

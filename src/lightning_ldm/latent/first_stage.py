@@ -11,7 +11,7 @@ buffer, hence stored in checkpoints and never recomputed on resume (NaN until es
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -84,36 +84,48 @@ def identity_first_stage(*, image_channels: int = 3, scale_factor: float = 1.0) 
                             source="identity")
 
 
-def newest_matching_export(search_root: Path, data_identity: dict) -> Path:
-    """The most recent ``export/autoencoder.safetensors`` under ``search_root`` trained on the same data."""
+def _architecture(config: dict) -> dict:
+    return {"regularizer": config.get("regularizer"), "downsampling_factor": 2 ** (len(config.get("ch_mult", [1])) - 1)}
+
+
+def newest_matching_export(search_root: Path, data_identity: dict, expected: Optional[dict] = None) -> Path:
+    """The most recent ``export/autoencoder.safetensors`` under ``search_root`` trained on the same data (and,
+    if ``expected`` names them, with that regulariser and downsampling factor)."""
     keys = ("name", "image_size", "channels")
     wanted = {k: data_identity.get(k) for k in keys}
+    expected = {k: v for k, v in (expected or {}).items() if v is not None}
     candidates = []
     for path in Path(search_root).glob("**/export/autoencoder.safetensors"):
         try:
-            data = read_export_metadata(path)["data"]
+            metadata = read_export_metadata(path)
         except CheckpointError:
             continue
-        if {k: data.get(k) for k in keys} == wanted:
+        architecture = _architecture(metadata["config"])
+        if {k: metadata["data"].get(k) for k in keys} == wanted and all(architecture[k] == v for k, v in expected.items()):
             candidates.append((path.stat().st_mtime, path))
     if not candidates:
         raise CheckpointError(
-            f"no stage-1 export for data {json.dumps(wanted)} under {search_root}; train one with "
-            "`python -m lightning_ldm stage=autoencoder` (same data) or set autoencoder.path=/path/to/autoencoder.safetensors")
+            f"no stage-1 export for data {json.dumps(wanted)}{' and ' + json.dumps(expected) if expected else ''} "
+            f"under {search_root}; train one with `python -m lightning_ldm stage=autoencoder` (same data) or set "
+            "autoencoder.path=/path/to/autoencoder.safetensors")
     return max(candidates)[1]
 
 
 def load_first_stage(*, path: Optional[str] = None, search_root: str = "outputs", data=None,
-                     scale_factor: Optional[float] = None, sample_posterior: bool = True) -> FrozenFirstStage:
+                     scale_factor: Optional[float] = None, sample_posterior: bool = True,
+                     regularizer: Optional[Literal["kl", "vq"]] = None,
+                     downsampling_factor: Optional[int] = None) -> FrozenFirstStage:
     """Load a stage-1 export strictly: by ``path``, or the newest export of the same data under ``search_root``.
 
     ``scale_factor``: None estimates 1/std of the latents at the start of training (VQ latents stay unscaled,
-    as in the paper, unless a value is given).
+    as in the paper, unless a value is given). ``regularizer`` / ``downsampling_factor``, when set (the paper
+    presets set them), are required of the export: an LDM-4 preset never picks up a KL-f8 export by accident.
     """
+    expected = {"regularizer": regularizer, "downsampling_factor": downsampling_factor}
     if path is None:
         if data is None or not hasattr(data, "identity"):
             raise ConfigError("autoencoder.path is not set and there is no data identity to search exports by")
-        export = newest_matching_export(Path(search_root), data.identity())
+        export = newest_matching_export(Path(search_root), data.identity(), expected)
         print(f"First stage: newest matching stage-1 export {export}")
     else:
         export = Path(path).expanduser()
@@ -122,6 +134,9 @@ def load_first_stage(*, path: Optional[str] = None, search_root: str = "outputs"
         print(f"First stage: {export}")
     model, metadata = load_autoencoder_export(export)
     config = metadata["config"]
+    mismatched = {k: v for k, v in expected.items() if v is not None and _architecture(config)[k] != v}
+    if mismatched:
+        raise CheckpointError(f"{export} has {json.dumps(_architecture(config))}, the config expects {json.dumps(mismatched)}")
     if scale_factor is None and config["regularizer"] == "vq":
         scale_factor = 1.0
     return FrozenFirstStage(model, {"export": str(export), "config": config}, latent_channels=model.latent_channels,

@@ -30,7 +30,7 @@ from lightning_ldm.errors import ConfigError
 from lightning_ldm.metrics.distributed import broadcast_object, gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import (FeatureExtractorSpec, build_feature_extractor, check_spec,
                                             metric_label)
-from lightning_ldm.metrics.frechet import GaussianStatistics, frechet_distance
+from lightning_ldm.metrics.frechet import distance_to_reference
 from lightning_ldm.metrics.reference import load_or_compute_reference, reference_indices, unflipped
 from lightning_ldm.metrics.sampling import SamplingSettings, generated_features
 from lightning_ldm.metrics.scores import distribution_metrics
@@ -55,7 +55,7 @@ def as_spec(value: Any) -> FeatureExtractorSpec:
 def publish(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
     """Into ``callback_metrics`` (what ModelCheckpoint reads) and every logger; usable from any hook."""
     for key, value in metrics.items():
-        trainer.callback_metrics[key] = torch.tensor(float(value))
+        trainer.callback_metrics[key] = torch.tensor(float(value), dtype=torch.float64)
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -101,6 +101,7 @@ class FIDCallback(L.Callback):
         self.extra_metrics, self.kid_subset_size = tuple(extra_metrics), kid_subset_size
         self.num_grid_images, self.at_fit_end = num_grid_images, at_fit_end
         self.best, self.best_step, self.last_step = math.inf, -1, -1
+        self.history: list[tuple[int, float]] = []  # (batch, value) of this process's evaluations
         self.extractor = None
         self.reference = None
         self._dataset = self._identity = None
@@ -199,6 +200,7 @@ class FIDCallback(L.Callback):
         if value < self.best:
             self.best, self.best_step = value, step
         self.last_step = step
+        self.history.append((step, value))
         metrics = {f"val/{k}": v for k, v in values.items()}
         metrics[self.best_key] = self.best
         publish(trainer, metrics, step)
@@ -268,7 +270,7 @@ class ReconstructionFIDCallback(L.Callback):
         features = gather_rows(local)
         value = None
         if trainer.is_global_zero:
-            value = frechet_distance(GaussianStatistics.from_features(features), self.reference.statistics)
+            value = distance_to_reference(self.reference.statistics, features)
         publish(trainer, {self.metric_key: broadcast_object(value)}, pl_module.batch_step)
 
 

@@ -167,7 +167,9 @@ class CheckpointExtractor(FeatureExtractor):
                 raise ConfigError(f"feature_layer={self.layer!r} is not a submodule of {file}; it has "
                                   f"{', '.join(list(modules)[1:12])}, ...")
             modules[self.layer].register_forward_hook(self._capture)
-        self.net.eval().requires_grad_(False)
+        self.net.eval()
+        for parameter in self.net.parameters():  # (a ScriptModule has no requires_grad_)
+            parameter.requires_grad_(False)
 
     def _capture(self, module, inputs, output) -> None:
         self._captured = output
@@ -191,7 +193,9 @@ class CheckpointExtractor(FeatureExtractor):
 def _load_network(file: Path) -> tuple[nn.Module, Optional[str]]:
     if _is_torchscript(file):
         try:
-            return torch.jit.load(str(file), map_location="cpu"), None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.9 deprecates TorchScript; it still loads
+                return torch.jit.load(str(file), map_location="cpu"), None
         except Exception as error:
             raise CheckpointError(f"{file} cannot be loaded as TorchScript ({type(error).__name__})") from None
     try:

@@ -74,3 +74,9 @@ def frechet_distance(a: GaussianStatistics, b: GaussianStatistics) -> float:
     b = b.to(a.mu.device)
     diff = a.mu - b.mu
     return float(diff @ diff) + float(a.sigma.trace() + b.sigma.trace()) - 2.0 * trace_sqrt_product(a, b)
+
+
+def distance_to_reference(reference: GaussianStatistics, features: torch.Tensor) -> float:
+    """FD of ``features`` to cached reference statistics, on the features' device; the reference goes first so
+    its stored square root is used (no D x D decomposition of its own per evaluation)."""
+    return frechet_distance(reference.to(features.device), GaussianStatistics.from_features(features))

@@ -51,12 +51,11 @@ def distribution_metrics(features: torch.Tensor, reference, *, label: str, logit
     against ``reference`` (a ``reference.Reference``). Scalars are flat keys, e.g. ``kid@1000`` (mean) with
     ``kid@1000_std``. KID and precision/recall from a non-standard extractor are labelled ``kd-<name>`` and
     ``precision-<name>`` like the Frechet distance."""
-    from lightning_ldm.metrics.frechet import GaussianStatistics, frechet_distance
+    from lightning_ldm.metrics.frechet import distance_to_reference
 
     n = len(features)
     suffix = "" if label == "fid" else "-" + label[len("fd-"):]
-    out: dict[str, Any] = {f"{label}@{n}": frechet_distance(GaussianStatistics.from_features(features),
-                                                            reference.statistics)}
+    out: dict[str, Any] = {f"{label}@{n}": distance_to_reference(reference.statistics, features)}
     if "kid" in extra:
         kid = kernel_inception_distance(features, reference.features, kid_subsets, kid_subset_size)
         name = "kid" if label == "fid" else f"kd{suffix}"

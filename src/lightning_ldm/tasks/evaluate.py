@@ -29,7 +29,7 @@ from lightning_ldm.errors import CheckpointError, ConfigError
 from lightning_ldm.metrics.callback import as_spec
 from lightning_ldm.metrics.distributed import gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import build_feature_extractor, check_spec
-from lightning_ldm.metrics.frechet import GaussianStatistics, frechet_distance
+from lightning_ldm.metrics.frechet import distance_to_reference
 from lightning_ldm.metrics.reference import load_or_compute_reference, reference_indices, unflipped
 from lightning_ldm.metrics.sampling import SamplingSettings, generated_features
 from lightning_ldm.metrics.scores import distribution_metrics
@@ -197,8 +197,7 @@ def _evaluate_autoencoder(options, ckpt, fabric, extractor, datamodule, cache_di
     if not fabric.is_global_zero:
         return {}, {}, None
     n = len(features)
-    metrics = {f"r{extractor.label}@{n}": frechet_distance(GaussianStatistics.from_features(features),
-                                                           reference.statistics),
+    metrics = {f"r{extractor.label}@{n}": distance_to_reference(reference.statistics, features),
                f"psnr@{n}": float(psnr.mean()), f"ssim@{n}": float(ssim.mean())}
     details = {"num_samples": n, "split": options.split, "images": "reference_indices(len(split), num_samples)",
                "reconstruction": "posterior mean / VQ code, clamped to [-1, 1]; PSNR/SSIM per image on [0, 1] floats, "

@@ -7,6 +7,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 from lightning_ldm.errors import CheckpointError
 from lightning_ldm.tasks.run_dir import record_run
 from lightning_ldm.training.checkpoint_io import AtomicCheckpointIO
@@ -19,7 +22,8 @@ def resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[str]:
     if resume == "auto":
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
-            print(f"Resuming from {last}")
+            if rank_zero_only.rank == 0:
+                print(f"Resuming from {last}")
             return str(last)
         return None
     if not Path(resume).is_file():
@@ -36,8 +40,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 def fit(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(cfg.paths.run_dir)
-    record_run(cfg, run_dir)
-    print(f"Run directory: {run_dir}")
+    if rank_zero_only.rank == 0:  # DDP re-runs this command in every rank: say things once
+        record_run(cfg, run_dir)
+        print(f"Run directory: {run_dir}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = resume_checkpoint(cfg.resume, run_dir)
     if ckpt_path and cfg.task.name == "diffusion" and cfg.autoencoder.get("path", "") is None:
@@ -47,7 +52,13 @@ def fit(cfg: DictConfig) -> Optional[float]:
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    print(f"Done. Run directory: {run_dir}")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        return None  # the Preemption callback saved last.ckpt; rerunning the command resumes
+    if getattr(trainer, "received_sigterm", False):
+        return None
+    if trainer.is_global_zero:
+        print(f"Done. Run directory: {run_dir}")
     monitored = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     return float(monitored) if monitored is not None else None

@@ -7,9 +7,13 @@ Why our own counter: with manual optimisation Lightning 2.x advances ``trainer.g
 """
 
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
+import torch.distributed as dist
+
+from lightning_ldm.training.rng import get_rng_states, set_rng_states
 
 from lightning_ldm.errors import NonFiniteLossError
 
@@ -19,26 +23,70 @@ class StepCountingModule(L.LightningModule):
         super().__init__()
         self.max_steps = max_steps
         self.batch_step = 0  # training batches completed; saved in checkpoints
+        self._rng_states_to_restore: Optional[dict] = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.batch_step += 1
         if self.batch_step >= self.max_steps:
             self.trainer.should_stop = True
+            # The final state is resumable: rerunning with a larger max_steps continues from here.
+            if self.trainer.default_root_dir and not self.trainer.fast_dev_run:
+                self.trainer.save_checkpoint(Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt")
 
     def on_train_start(self) -> None:
         if self.batch_step >= self.max_steps:
             print(f"Training already reached max_steps={self.max_steps}; nothing to do.")
             self.trainer.should_stop = True
+        # Lightning's logger step counts batches but is restored one short when the checkpoint was written at
+        # the end of a batch; our own counter is the authority.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.batch_step
+
+    # Validation (posterior samples, sample grids, FID) must not shift the training noise stream: then a run's
+    # training does not depend on how often it validates, and a resumed run matches an uninterrupted one.
+    def on_validation_start(self) -> None:
+        self._rng_before_validation = get_rng_states()
+
+    def on_validation_end(self) -> None:
+        if getattr(self, "_rng_before_validation", None) is not None:
+            set_rng_states(self._rng_before_validation)
+            self._rng_before_validation = None
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_states_to_restore is not None:
+            # Restored at the first batch after a resume, once Lightning has built the train iterator, run its
+            # sanity check and fetched this batch (all of which draw random numbers), so that this batch sees
+            # the same noise as in the uninterrupted run.
+            set_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["batch_step"] = self.batch_step
+        # Every rank's RNG states (each rank draws its own noise); Lightning calls this hook on all ranks.
+        # Inside validation, the state that training resumes with is the one from before validation.
+        states = getattr(self, "_rng_before_validation", None) or get_rng_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            checkpoint["rng_states"] = gathered
+        else:
+            checkpoint["rng_states"] = [states]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.batch_step = int(checkpoint.get("batch_step", 0))
+        states = checkpoint.get("rng_states") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if rank < len(states):
+            self._rng_states_to_restore = states[rank]
 
     def check_finite(self, loss: torch.Tensor, name: str) -> None:
-        """Stop on NaN/inf before the bad gradient reaches the weights; keep the last good state on disk."""
-        if torch.isfinite(loss).all():
+        """Stop on NaN/inf before the bad gradient reaches the weights; keep the last good state on disk.
+
+        Under DDP the verdict is all-reduced, so every rank stops together (a checkpoint save is collective).
+        """
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if bool(finite):
             return
         path = None
         run_dir = getattr(self.trainer, "default_root_dir", None)

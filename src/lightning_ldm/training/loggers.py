@@ -19,23 +19,52 @@ def wandb_credentials_available() -> bool:
     return auth.authenticators(host) is not None
 
 
+def sweep_job() -> Optional[tuple[str, int]]:
+    """``(sweep name, trial number)`` inside a multirun trial, else None. The name is the sweep directory's:
+    its start time for a grid sweep, the study name for an Optuna search."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra = HydraConfig.get()
+    return Path(str(hydra.sweep.dir)).name, int(hydra.job.num)
+
+
+def _is_rank_zero() -> bool:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0  # read from RANK / LOCAL_RANK / SLURM_PROCID at import
+
+
 def wandb_logger(*, save_dir: str, project: str = "lightning_ldm", name: Optional[str] = None,
                  group: Optional[str] = None, tags: Optional[list[str]] = None, job_type: str = "train",
                  offline: Optional[bool] = None, log_model: bool = False, run_id: Optional[str] = None):
-    """A Lightning WandbLogger; ``offline=None`` means offline exactly when no credentials are found."""
+    """A Lightning WandbLogger; ``offline=None`` means offline exactly when no credentials are found.
+
+    In a sweep each trial is its own run, grouped by sweep: group ``<group>/<sweep name>``, name
+    ``<name>/<trial number>``, and the tag ``sweep:<sweep name>``.
+    """
     from lightning.pytorch.loggers import WandbLogger
 
     mode = os.environ.get("WANDB_MODE", "")
     if offline is None:
         offline = mode == "offline" or (mode != "online" and not wandb_credentials_available())
-    # One W&B run per run directory: a resumed run keeps logging into the run it started.
+    sweep = sweep_job()
+    if sweep is not None:
+        sweep_name, trial = sweep
+        group = f"{group}/{sweep_name}" if group else sweep_name
+        name = f"{name}/{trial}" if name else f"{sweep_name}/{trial}"
+        tags = [*(tags or []), f"sweep:{sweep_name}"]
+    # One W&B run per run directory: a resumed run keeps logging into the run it started. Only rank zero
+    # logs, and only it writes the id (SLURM starts all ranks at once: each would write its own).
     id_file = Path(save_dir) / "wandb" / "run_id"
-    id_file.parent.mkdir(parents=True, exist_ok=True)
     if run_id is None and id_file.is_file():
         run_id = id_file.read_text().strip()
-    if run_id is None:
-        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    id_file.write_text(run_id)
+    if _is_rank_zero():
+        run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
     logger = WandbLogger(project=project, name=name, group=group, tags=list(tags or []), job_type=job_type,
                          save_dir=save_dir, offline=offline, log_model=log_model, id=run_id, resume="allow")
     if offline and mode != "disabled":
