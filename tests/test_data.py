@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import SequentialSampler
+from torchdata.stateful_dataloader.sampler import RandomSampler  # the stateful loader shuffles with its own
 
 from lightning_ldm.data import (
     DigitsDataModule,

@@ -162,7 +162,8 @@ def test_fid_yaml_builds_a_callback_and_a_checkpoint_that_agree(compose, incepti
     assert isinstance(fid, FIDCallback) and fid.spec.weights_path == str(inception_file)
     assert best.monitor == fid.metric_key == "val/fid@10000" and best._every_n_train_steps == fid.every_n_steps
     default = compose("stage=diffusion")  # the quickstart needs no Inception weights: no FID callback at all
-    assert not any("metrics.callback.FID" in str(node.get("_target_")) for node in default.callbacks.values() if node)
+    assert not any(str(node.get("_target_")).endswith("metrics.callback.FIDCallback")
+                   for node in default.callbacks.values() if node)
 
 
 # --------------------------------------------------------------------------- reference statistics

@@ -24,6 +24,8 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("ldm.default_precision"):
         OmegaConf.register_new_resolver("ldm.default_precision", _default_precision)
+    if not OmegaConf.has_resolver("ldm.first"):  # the first non-null value: oc.select only falls back on missing keys
+        OmegaConf.register_new_resolver("ldm.first", lambda *values: next((v for v in values if v is not None), None))
 
 
 def quiet_known_warnings() -> None:

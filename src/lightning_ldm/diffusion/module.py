@@ -102,6 +102,8 @@ class DiffusionModule(StepCountingModule):
         if datamodule.channels != self.first_stage.image_channels:
             raise ConfigError(f"data has {datamodule.channels} channels, the first stage expects "
                               f"{self.first_stage.image_channels}")
+        if hasattr(datamodule, "identity"):
+            self.rebuild_config["data"] = datamodule.identity()  # lets evaluation check it compares like with like
         if self.num_classes and datamodule.num_classes and self.num_classes > datamodule.num_classes:
             raise ConfigError(f"module.num_classes={self.num_classes} but the data has {datamodule.num_classes} classes")
 

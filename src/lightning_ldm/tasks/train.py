@@ -20,12 +20,14 @@ def resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[str]:
     if resume is None:
         return None
     if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            if rank_zero_only.rank == 0:
-                print(f"Resuming from {last}")
-            return str(last)
-        return None
+        # last.ckpt, or a newer SLURM requeue checkpoint (Lightning writes hpc_ckpt_<n>.ckpt on SIGUSR1).
+        candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        if not candidates:
+            return None
+        newest = max(candidates, key=lambda p: p.stat().st_mtime)
+        if rank_zero_only.rank == 0:
+            print(f"Resuming from {newest}")
+        return str(newest)
     if not Path(resume).is_file():
         raise CheckpointError(f"resume={resume}: no such checkpoint file")
     return resume
@@ -34,8 +36,9 @@ def resume_checkpoint(resume: Optional[str], run_dir: Path) -> Optional[str]:
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node is not None]
+    plugins = [instantiate(node) for node in cfg.trainer.get("plugins") or []]  # e.g. trainer=slurm's
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                       default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+                       default_root_dir=str(run_dir), plugins=[*plugins, AtomicCheckpointIO()])
 
 
 def fit(cfg: DictConfig) -> Optional[float]:

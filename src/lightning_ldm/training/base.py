@@ -24,8 +24,10 @@ class StepCountingModule(L.LightningModule):
         self.max_steps = max_steps
         self.batch_step = 0  # training batches completed; saved in checkpoints
         self._rng_states_to_restore: Optional[dict] = None
+        self._batch_finished_uncounted = False  # between a batch's optimizer step and our counter's increment
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._batch_finished_uncounted = False
         self.batch_step += 1
         if self.batch_step >= self.max_steps:
             self.trainer.should_stop = True
@@ -52,6 +54,9 @@ class StepCountingModule(L.LightningModule):
             self._rng_before_validation = None
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Callbacks' on_train_batch_end (a step-triggered ModelCheckpoint, FID) runs before ours: a checkpoint
+        # written there holds this batch's update, so it must count this batch (see on_save_checkpoint).
+        self._batch_finished_uncounted = True
         if self._rng_states_to_restore is not None:
             # Restored at the first batch after a resume, once Lightning has built the train iterator, run its
             # sanity check and fetched this batch (all of which draw random numbers), so that this batch sees
@@ -60,7 +65,7 @@ class StepCountingModule(L.LightningModule):
             self._rng_states_to_restore = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["batch_step"] = self.batch_step
+        checkpoint["batch_step"] = self.batch_step + int(self._batch_finished_uncounted)
         # Every rank's RNG states (each rank draws its own noise); Lightning calls this hook on all ranks.
         # Inside validation, the state that training resumes with is the one from before validation.
         states = getattr(self, "_rng_before_validation", None) or get_rng_states()
@@ -92,6 +97,7 @@ class StepCountingModule(L.LightningModule):
         run_dir = getattr(self.trainer, "default_root_dir", None)
         if run_dir is not None:
             path = Path(run_dir) / "checkpoints" / f"nonfinite-step{self.batch_step}.ckpt"
+            self._batch_finished_uncounted = False  # the state from before this batch
             self.trainer.save_checkpoint(path)
         where = f"; state before this batch saved to {path}" if path else ""
         raise NonFiniteLossError(
