@@ -9,7 +9,7 @@ import yaml
 
 from conftest import assert_one_line_error, run_cli
 from lightning_ldm.autoencoder.export import load_autoencoder_export
-from wandb_offline import read_history
+from wandb_offline import read_history, read_run
 
 FAST = ["trainer=cpu", "data.batch_size=8", "trainer.limit_val_batches=2", "trainer.val_check_interval=3",
         "module.image_log_every=2", "loss.disc_start=2", "trainer.log_every_n_steps=1"]
@@ -119,3 +119,11 @@ def test_image_size_not_divisible_by_f_is_refused(tmp_path):
 def test_missing_lpips_weights_name_the_file(tmp_path):
     result = run_cli("stage=autoencoder", "loss=lpips-gan", "trainer=cpu", "logger=none", cwd=tmp_path)
     assert_one_line_error(result, "vgg16-397923af.pth", "loss.lpips_weights")
+
+
+def test_wandb_run_is_tagged_grouped_and_carries_the_config(trained_run):
+    run_dir, _, _ = trained_run
+    info = read_run(run_dir)
+    assert {"stage:autoencoder", "data:digits"} <= info["tags"] and info["group"] == "autoencoder"
+    assert {"module", "data", "trainer", "seed"} <= info["config"]
+    assert info["metric_summaries"]["val/rec_loss"].min and info["metric_summaries"]["val/psnr"].max

@@ -49,3 +49,24 @@ def read_history(run_dir: Path) -> list[dict]:
             rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
+
+
+def read_run(run_dir: Path) -> dict:
+    """Tags, group and logged config keys of the offline runs under ``run_dir``, and their metric definitions."""
+    from wandb.proto import wandb_internal_pb2
+
+    info = {"tags": set(), "group": None, "config": set(), "metric_summaries": {}}
+    for log in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        for raw in _records(log):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                info["tags"].update(record.run.tags)
+                info["group"] = record.run.run_group or info["group"]
+            elif kind == "config":
+                info["config"].update(item.key for item in record.config.update)
+            elif kind == "metric":
+                summary = record.metric.summary
+                info["metric_summaries"][record.metric.glob_name or record.metric.name] = summary
+    return info

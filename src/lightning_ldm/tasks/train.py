@@ -5,7 +5,7 @@ from typing import Optional
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -55,6 +55,9 @@ def fit(cfg: DictConfig) -> Optional[float]:
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
     trainer = build_trainer(cfg, run_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:  # the full resolved config beside every run's metrics
+        logger.log_hyperparams(resolved)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:

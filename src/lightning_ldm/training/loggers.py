@@ -39,12 +39,16 @@ def _is_rank_zero() -> bool:
 
 def wandb_logger(*, save_dir: str, project: str = "lightning_ldm", name: Optional[str] = None,
                  group: Optional[str] = None, tags: Optional[list[str]] = None, job_type: str = "train",
-                 offline: Optional[bool] = None, log_model: bool = False, run_id: Optional[str] = None):
+                 offline: Optional[bool] = None, log_model: bool = False, run_id: Optional[str] = None,
+                 stage: Optional[str] = None, data: Optional[str] = None, experiment: Optional[str] = None):
     """A Lightning WandbLogger; ``offline=None`` means offline exactly when no credentials are found.
 
-    In a sweep each trial is its own run, grouped by sweep: group ``<group>/<sweep name>``, name
-    ``<name>/<trial number>``, and the tag ``sweep:<sweep name>``.
+    Runs are tagged ``stage:<stage>``, ``data:<data>``, ``experiment:<name>`` so the project page filters and
+    groups them without setup. In a sweep each trial is its own run, grouped by sweep: group
+    ``<group>/<sweep name>``, name ``<name>/<trial number>``, and the tag ``sweep:<sweep name>``.
     """
+    tags = [*(tags or []), *(f"{key}:{value}" for key, value in
+                             (("stage", stage), ("data", data), ("experiment", experiment)) if value)]
     from lightning.pytorch.loggers import WandbLogger
 
     mode = os.environ.get("WANDB_MODE", "")

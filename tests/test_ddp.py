@@ -1,0 +1,42 @@
+"""Both stages under DDP with two CPU processes (gloo), through the real entry point."""
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+       "trainer.sync_batchnorm=false", "logger=csv", "data.batch_size=8", "trainer.limit_val_batches=2",
+       "trainer.val_check_interval=2", "max_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("ddp")
+    stage1 = run_cli("stage=autoencoder", "run_name=ae", "loss.disc_start=2", "module.image_log_every=0", *DDP, cwd=cwd)
+    assert stage1.returncode == 0, stage1.stderr[-3000:]
+    stage2 = run_cli("stage=diffusion", "run_name=ldm", "module.scale_estimation_batches=2",
+                     "module.num_log_images=2", "module.sampler_steps=2", *DDP, cwd=cwd)
+    assert stage2.returncode == 0, stage2.stderr[-3000:]
+    return cwd, stage1, stage2
+
+
+def test_stage1_trains_on_two_processes_with_the_discriminator(ddp_runs):
+    cwd, stage1, _ = ddp_runs
+    assert "global batch 8 x 2 device(s)" in stage1.stdout
+    assert stage1.stdout.count("Run directory:") == 2  # printed once at start and once at the end, rank 0 only
+    checkpoint = torch.load(cwd / "outputs/autoencoder/ae/checkpoints/last.ckpt", map_location="cpu",
+                            weights_only=False)
+    assert checkpoint["batch_step"] == 4 and len(checkpoint["rng_states"]) == 2  # one RNG state per rank
+    assert (cwd / "outputs/autoencoder/ae/export/autoencoder.safetensors").is_file()
+
+
+def test_stage2_trains_on_two_processes_with_one_scale_factor(ddp_runs):
+    cwd, _, stage2 = ddp_runs
+    checkpoint = torch.load(cwd / "outputs/diffusion/ldm/checkpoints/last.ckpt", map_location="cpu",
+                            weights_only=False)
+    scale = float(checkpoint["state_dict"]["first_stage.scale_factor"])
+    assert f"scale_factor {scale:.5f}" in stage2.stdout
+    assert checkpoint["batch_step"] == 4 and len(checkpoint["rng_states"]) == 2
+    assert torch.isfinite(torch.stack([v.float().sum() for k, v in checkpoint["state_dict"].items()
+                                       if k.startswith("ema.model.")])).all()
