@@ -1,7 +1,6 @@
 """Stage 1 through the real entry point (``python -m lightning_ldm``), as a user runs it, offline."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

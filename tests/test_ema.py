@@ -9,13 +9,12 @@ from torch import nn
 
 from lightning_ldm.autoencoder.export import save_autoencoder_export
 from lightning_ldm.autoencoder.model import SMALL_PRESETS, Autoencoder
-from lightning_ldm.data.base import TensorImages
-from lightning_ldm.data.digits import DigitsDataModule
 from lightning_ldm.diffusion.module import DiffusionModule
 from lightning_ldm.diffusion.schedules import NoiseSchedule
 from lightning_ldm.latent.first_stage import load_first_stage
 from lightning_ldm.training.ema import EMA
 from lightning_ldm.unet.model import PRESETS, UNet
+from few_digits import FewDigits
 
 
 class Net(nn.Module):
@@ -127,17 +126,6 @@ def test_num_updates_survives_a_state_dict_round_trip():
 
 
 # --------------------------------------------------------------------------- inside training
-class FewDigits(DigitsDataModule):
-    """Every 25th digit (200 images, 20 per class): the real pipeline at a fraction of the cost."""
-
-    def _load_source(self) -> TensorImages:
-        source = super()._load_source()
-        return TensorImages(source.pixels[::25], source.labels[::25], self.image_size)
-
-    def _source_identity(self) -> dict:
-        return {**super()._source_identity(), "subset": "every 25th"}
-
-
 def test_ema_updates_once_per_optimizer_step_not_per_micro_batch(tmp_path):
     torch.manual_seed(0)
     data = FewDigits(batch_size=2)

@@ -9,26 +9,15 @@ import torch
 
 from lightning_ldm.autoencoder.export import save_autoencoder_export
 from lightning_ldm.autoencoder.model import SMALL_PRESETS, Autoencoder
-from lightning_ldm.data.base import TensorImages
 from lightning_ldm.data.digits import DigitsDataModule
 from lightning_ldm.diffusion.module import DiffusionModule
 from lightning_ldm.diffusion.schedules import NoiseSchedule
 from lightning_ldm.latent.cache import LatentDataset, cache_key, first_stage_identity, load_or_build_cache
 from lightning_ldm.latent.first_stage import load_first_stage
 from lightning_ldm.unet.model import PRESETS, UNet
+from few_digits import FewDigits
 
 HALF = dict(rtol=2e-3, atol=1e-4)  # the cache stores float16
-
-
-class FewDigits(DigitsDataModule):
-    """Every 50th digit (100 images, 10 per class): the real pipeline at a fraction of the encoding cost."""
-
-    def _load_source(self) -> TensorImages:
-        source = super()._load_source()
-        return TensorImages(source.pixels[::50], source.labels[::50], self.image_size)
-
-    def _source_identity(self) -> dict:
-        return {**super()._source_identity(), "subset": "every 50th"}
 
 
 def make_export(path, data, preset: str = "kl-f2-small", seed: int = 0):
@@ -66,7 +55,7 @@ def test_cache_key_follows_the_first_stage_and_the_data(tmp_path):
 
 
 def test_cache_contents_match_encoding_the_training_images(tmp_path):
-    data = FewDigits(batch_size=8)
+    data = FewDigits(every=50, batch_size=8)
     data.setup()
     first_stage = load_first_stage(path=str(make_export(tmp_path / "export/autoencoder.safetensors", data)))
     dataset, path = load_or_build_cache(first_stage, data, tmp_path / "cache", torch.device("cpu"),
@@ -93,7 +82,7 @@ def test_cache_contents_match_encoding_the_training_images(tmp_path):
 
 
 def test_with_flips_the_cache_holds_the_encoded_mirror_images(tmp_path):
-    data = FewDigits(batch_size=8, flip=True)
+    data = FewDigits(every=50, batch_size=8, flip=True)
     data.setup()
     first_stage = load_first_stage(path=str(make_export(tmp_path / "export/autoencoder.safetensors", data)))
     dataset, _ = load_or_build_cache(first_stage, data, tmp_path / "cache", torch.device("cpu"),
@@ -116,7 +105,7 @@ def test_with_flips_the_cache_holds_the_encoded_mirror_images(tmp_path):
 
 
 def test_training_from_the_cache(tmp_path, monkeypatch):
-    data = FewDigits(batch_size=4)
+    data = FewDigits(every=50, batch_size=4)
     export = make_export(tmp_path / "export/autoencoder.safetensors", data)
     module = DiffusionModule(first_stage=load_first_stage(path=str(export)),
                              unet=functools.partial(UNet, **PRESETS["tiny"]), schedule=NoiseSchedule(),
@@ -147,7 +136,7 @@ def test_training_from_the_cache(tmp_path, monkeypatch):
 
 
 def test_a_cache_of_another_first_stage_is_not_read(tmp_path):
-    data = FewDigits(batch_size=8)
+    data = FewDigits(every=50, batch_size=8)
     data.setup()
     cache_dir = tmp_path / "cache"
     first = load_first_stage(path=str(make_export(tmp_path / "a/autoencoder.safetensors", data)))
@@ -163,7 +152,7 @@ def test_a_cache_of_another_first_stage_is_not_read(tmp_path):
 
 
 def test_a_resumed_run_caches_the_checkpoints_first_stage_not_a_replaced_export(tmp_path):
-    data = FewDigits(batch_size=4)
+    data = FewDigits(every=50, batch_size=4)
     export = make_export(tmp_path / "export/autoencoder.safetensors", data)
 
     def module():
@@ -186,7 +175,7 @@ def test_a_resumed_run_caches_the_checkpoints_first_stage_not_a_replaced_export(
 
     make_export(export, data, seed=5)  # a newer stage 1 written over the export the run started from
     resumed = module()
-    trainer(2, enable_checkpointing=False).fit(resumed, datamodule=FewDigits(batch_size=4),
+    trainer(2, enable_checkpointing=False).fit(resumed, datamodule=FewDigits(every=50, batch_size=4),
                                                ckpt_path=str(tmp_path / "checkpoints/last.ckpt"))
     for key, value in resumed.first_stage.state_dict().items():
         assert torch.equal(value, trained_weights[key] if key != "scale_factor" else first.first_stage.scale_factor)

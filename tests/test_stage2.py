@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 
 from lightning_ldm.autoencoder.export import save_autoencoder_export
 from lightning_ldm.autoencoder.model import SMALL_PRESETS, Autoencoder
-from lightning_ldm.data.base import TensorImages
 from lightning_ldm.data.digits import DigitsDataModule
 from lightning_ldm.diffusion.checkpoint import load_diffusion_model, save_ema_export
 from lightning_ldm.diffusion.module import DiffusionModule
@@ -27,20 +26,10 @@ from lightning_ldm.errors import CheckpointError
 from lightning_ldm.latent.first_stage import identity_first_stage, load_first_stage, newest_matching_export
 from lightning_ldm.tasks.sample import sample
 from lightning_ldm.unet.model import PRESETS, UNet
+from few_digits import FewDigits
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET = functools.partial(UNet, **PRESETS["tiny"])
-
-
-class FewDigits(DigitsDataModule):
-    """Every 25th digit (200 images, 20 per class): the real pipeline at a fraction of the cost."""
-
-    def _load_source(self) -> TensorImages:
-        source = super()._load_source()
-        return TensorImages(source.pixels[::25], source.labels[::25], self.image_size)
-
-    def _source_identity(self) -> dict:
-        return {**super()._source_identity(), "subset": "every 25th"}
 
 
 def make_export(path, data_identity: dict, preset: str = "kl-f2-small", seed: int = 0) -> Path:
