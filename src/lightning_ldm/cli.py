@@ -33,8 +33,9 @@ def quiet_known_warnings() -> None:
     import warnings
 
     for message in (r".*isinstance\(treespec, LeafSpec\).*",  # lightning on torch >= 2.10
-                    r".*does not have many workers.*",
-                    r".*'set_vital' is deprecated.*",  # torchdata's StatefulDataLoader on recent torch  # the embedded digits are in memory: workers don't help
+                    r".*does not have many workers.*",  # the embedded digits are in memory: workers don't help
+                    r".*'set_vital' is deprecated.*",  # torchdata's StatefulDataLoader on recent torch
+                    r".*module\(s\) in eval mode at the start of training.*",  # the frozen first stage and EMA
                     r".*Experiment logs directory .* exists and is not empty.*"):  # resumed runs
         warnings.filterwarnings("ignore", message=message)
 
