@@ -73,7 +73,9 @@ def encode_dataset(first_stage, dataset: Dataset, *, flip: bool, batch_size: int
     unflipped = copy.copy(dataset)
     if hasattr(unflipped, "flip"):
         unflipped.flip = False  # the mirror images are encoded explicitly below
-    loader = DataLoader(unflipped, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # Its own generator: whether the cache had to be built must not change the training noise that follows.
+    loader = DataLoader(unflipped, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
     parts: dict[str, list] = {"mean": [], "std": [], "labels": [], "mean_flipped": [], "std_flipped": []}
     for batch in tqdm(loader, desc="Encoding the training set into the latent cache", leave=False):
         images = batch["image"].to(device)
