@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from lightning_ldm.autoencoder.model import Autoencoder
 from lightning_ldm.errors import CheckpointError
+from lightning_ldm.strict_loading import load_state_strictly
 
 EXPORT_FORMAT = "lightning_ldm.autoencoder"
 EXPORT_VERSION = "1"
@@ -66,15 +67,5 @@ def load_autoencoder_export(path: Path, map_location: str = "cpu") -> tuple[Auto
     with safe_open(str(path), framework="pt", device=map_location) as handle:
         for key in handle.keys():
             state[key] = handle.get_tensor(key)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the architecture "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, "
-                                  f"the architecture expects {tuple(expected[key].shape)}")
-    model.load_state_dict(state, strict=True)
+    load_state_strictly(model, state, path)
     return model, metadata

@@ -19,6 +19,7 @@ from lightning_ldm.diffusion.module import DiffusionModule
 from lightning_ldm.diffusion.schedules import NoiseSchedule
 from lightning_ldm.errors import CheckpointError
 from lightning_ldm.latent.first_stage import rebuild_first_stage
+from lightning_ldm.strict_loading import load_state_strictly
 from lightning_ldm.unet.model import UNet
 
 EXPORT_FORMAT = "lightning_ldm.diffusion"
@@ -44,19 +45,6 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def _load_strict(module: torch.nn.Module, state: dict, path: Path) -> None:
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model it describes "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for key, value in state.items():
-        if hasattr(value, "shape") and hasattr(expected[key], "shape") and value.shape != expected[key].shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
-    module.load_state_dict(state, strict=True)
-
-
 def load_diffusion_model(path: str, map_location: str = "cpu") -> DiffusionModule:
     path = Path(path).expanduser()
     if not path.is_file():
@@ -73,7 +61,7 @@ def load_diffusion_model(path: str, map_location: str = "cpu") -> DiffusionModul
     if not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path} has a stage-2 config but no state_dict: the file is incomplete")
     module = build_module(meta["config"])
-    _load_strict(module, checkpoint["state_dict"], path)
+    load_state_strictly(module, checkpoint["state_dict"], path)
     module.batch_step = int(checkpoint.get("batch_step", 0))
     return module
 
@@ -105,8 +93,8 @@ def _load_export(path: Path, map_location: str) -> DiffusionModule:
     module = build_module(json.loads(metadata["config"]))
     ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
     first_state = {k[len("first_stage."):]: v for k, v in tensors.items() if k.startswith("first_stage.")}
-    _load_strict(module.ema.model, ema_state, path)
-    _load_strict(module.first_stage, first_state, path)
+    load_state_strictly(module.ema.model, ema_state, path)
+    load_state_strictly(module.first_stage, first_state, path)
     module.unet.load_state_dict(module.ema.model.state_dict())  # the export has only the averaged weights
     module.batch_step = int(metadata.get("batch_step", 0))
     return module

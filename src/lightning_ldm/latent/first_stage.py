@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_ldm.autoencoder.export import load_autoencoder_export, read_export_metadata
 from lightning_ldm.errors import CheckpointError, ConfigError
+from lightning_ldm.strict_loading import load_state_strictly
 
 
 class FrozenFirstStage(nn.Module):
@@ -170,9 +171,6 @@ def first_stage_from_checkpoint(path: Path, sample_posterior: bool) -> FrozenFir
     except Exception as error:
         raise CheckpointError(f"{path} holds no lightning_ldm stage-2 first stage ({type(error).__name__})") from None
     first_stage = rebuild_first_stage(config, sample_posterior)
-    try:
-        first_stage.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: first-stage weights do not match its config ({str(error).splitlines()[0]})") from None
+    load_state_strictly(first_stage, state, path)
     print(f"First stage: from the stage-2 checkpoint {path} (originally {first_stage.source or 'identity'})")
     return first_stage
