@@ -132,7 +132,12 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.features(z))
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """Everything but the final conv. Training compiles this part only, so that the adaptive GAN weight's
+        gradients with respect to ``conv_out.weight`` (the last layer) stay a one-layer backward."""
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.silu(self.norm_out(h))

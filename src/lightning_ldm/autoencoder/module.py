@@ -14,6 +14,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from lightning_ldm.autoencoder.model import Autoencoder
 from lightning_ldm.errors import ConfigError
 from lightning_ldm.losses.autoencoder_loss import AutoencoderLoss
+from lightning_ldm.training.acceleration import (channels_last_input, resolve_compile, training_on_gpu,
+                                                 use_channels_last)
 from lightning_ldm.training.base import StepCountingModule
 from lightning_ldm.training.images import log_image_grid
 
@@ -32,6 +34,7 @@ class AutoencoderModule(StepCountingModule):
         sample_posterior: bool = True,
         image_log_every: int = 500,
         num_log_images: int = 8,
+        compile: Optional[bool] = None,
     ) -> None:
         super().__init__(max_steps)
         if accumulate_grad_batches < 1:
@@ -47,9 +50,22 @@ class AutoencoderModule(StepCountingModule):
         self.num_log_images = num_log_images
         self.automatic_optimization = False
         self._logged_image_step = -1
+        self.compile_setting = compile
+        self.channels_last = False
+        self._accelerated = False
 
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
+        if stage == "fit" and not self._accelerated:
+            self._accelerated = True
+            self.channels_last = training_on_gpu(self.trainer)
+            if self.channels_last:
+                use_channels_last(self.autoencoder, self.loss)
+            if resolve_compile(self.compile_setting, self.trainer):
+                # The encoder whole; the decoder without its last conv, whose weight gradient the adaptive GAN
+                # weight takes twice per batch (a compiled last layer would rerun the whole decoder backward).
+                self.autoencoder.encoder.compile()
+                self.autoencoder.decoder.features = torch.compile(self.autoencoder.decoder.features)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
@@ -82,7 +98,7 @@ class AutoencoderModule(StepCountingModule):
 
     # ----------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        x = batch["image"]
+        x = channels_last_input(batch["image"], self.channels_last)
         opt_g, opt_d = self.optimizers()
         step = self.batch_step
         steps_now = (step + 1) % self.accumulate_grad_batches == 0

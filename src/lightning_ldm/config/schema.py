@@ -74,6 +74,26 @@ class EvaluateConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """``stage=benchmark`` (see conf/stage/benchmark.yaml for what each key means)."""
+
+    stage: Optional[str] = None
+    batch_size: Optional[int] = None
+    warmup: int = 10
+    steps: int = 20
+    repeats: int = 3
+    compile: Optional[bool] = None
+    on_the_fly: bool = True
+    sampler: str = "dpmpp_2m"
+    sample_steps: int = 20
+    sample_batch_size: int = 256
+    sample_repeats: int = 3
+    num_workers: int = 8
+    device: str = "auto"
+    output: Optional[str] = None
+
+
+@dataclass
 class RunConfig:
     """Top-level keys. Groups that are instantiated (data, module, trainer, ...) are typed by their targets."""
 
@@ -88,6 +108,7 @@ class RunConfig:
     ddp_find_unused_parameters: bool = False  # stage 1 sets it: no discriminator gradients before disc_start
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     # Instantiated groups: their keys are checked against the targets' signatures.
     data: Any = None
     unet: Any = None

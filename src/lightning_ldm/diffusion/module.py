@@ -19,7 +19,9 @@ from lightning_ldm.diffusion.schedules import NoiseSchedule
 from lightning_ldm.errors import ConfigError
 from lightning_ldm.latent.cache import load_or_build_cache
 from lightning_ldm.latent.first_stage import FrozenFirstStage
-from lightning_ldm.latent.scale import estimate_scale_factor
+from lightning_ldm.latent.scale import estimate_scale_factor, ranks_agree
+from lightning_ldm.training.acceleration import (channels_last_input, resolve_compile, training_on_gpu,
+                                                 use_channels_last)
 from lightning_ldm.training.base import StepCountingModule
 from lightning_ldm.training.ema import EMA
 from lightning_ldm.training.images import log_image_grid
@@ -57,6 +59,7 @@ class DiffusionModule(StepCountingModule):
         guidance_scale: float = 1.0,
         image_log_every: int = 500,
         num_log_images: int = 16,
+        compile: Optional[bool] = None,
     ) -> None:
         super().__init__(max_steps)
         if conditioning != "none" and not num_classes:
@@ -84,6 +87,9 @@ class DiffusionModule(StepCountingModule):
         self.cache_latents, self.cache_dir = cache_latents, cache_dir
         self.sampler_settings = dict(name=sampler, steps=sampler_steps, eta=sampler_eta, guidance_scale=guidance_scale)
         self.image_log_every, self.num_log_images = image_log_every, num_log_images
+        self.compile_setting = compile
+        self.channels_last = False
+        self._accelerated = False
         self.rebuild_config = {  # everything a checkpoint needs to rebuild this module without a config file
             "first_stage": first_stage.export_config, "sample_posterior": first_stage.sample_posterior,
             "unet": self.unet.config, "schedule": schedule.config if hasattr(schedule, "config") else {
@@ -94,6 +100,13 @@ class DiffusionModule(StepCountingModule):
 
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
+        if stage == "fit" and not self._accelerated:
+            self._accelerated = True
+            self.channels_last = training_on_gpu(self.trainer)
+            if self.channels_last:
+                use_channels_last(self.unet, self.ema.model, self.first_stage)
+            if resolve_compile(self.compile_setting, self.trainer):
+                self.unet.compile()  # the trained copy only: its shapes never change, sampling's do
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or stage != "fit":
             return
@@ -117,8 +130,14 @@ class DiffusionModule(StepCountingModule):
             scale = estimate_scale_factor(self._scale_estimation_loader(), self._unscaled_latents,
                                           self.scale_estimation_batches, self.device)
             self.first_stage.scale_factor.fill_(scale)
+        scale = float(self.first_stage.scale_factor)
+        low, high = ranks_agree(scale, self.device)
+        if low != high:  # a rank on another scale trains on differently scaled latents: the LD DDP bug
+            raise RuntimeError(f"scale_factor differs across ranks: {low} .. {high}")
         if self.trainer.is_global_zero:
-            print(f"Stage 2: scale_factor {float(self.first_stage.scale_factor):.5f}; lr {self.lr:g} (absolute, "
+            world = self.trainer.world_size
+            same = f" (identical on all {world} ranks)" if world > 1 else ""
+            print(f"Stage 2: scale_factor {scale:.5f}{same}; lr {self.lr:g} (absolute, "
                   f"AdamW, {self.warmup_steps} warm-up steps); UNet {sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f}M "
                   f"parameters; latents {self.first_stage.latent_channels}x{self.latent_size}x{self.latent_size}")
 
@@ -179,9 +198,9 @@ class DiffusionModule(StepCountingModule):
         if "latent_mean" in batch:
             z = self.first_stage.scaled_latents(batch["latent_mean"], batch["latent_std"])
         else:
-            z = self.first_stage.encode(batch["image"])
+            z = self.first_stage.encode(channels_last_input(batch["image"], self.channels_last))
         labels = batch.get("label") if self.num_classes else None
-        return z, labels
+        return channels_last_input(z, self.channels_last), labels
 
     def diffusion_loss(self, net: torch.nn.Module, z0: torch.Tensor, labels: Optional[torch.Tensor],
                        generator: Optional[torch.Generator] = None, drop_labels: bool = True) -> torch.Tensor:
@@ -238,6 +257,15 @@ class DiffusionModule(StepCountingModule):
                        caption=f"EMA, {spec.name} {spec.steps} steps, guidance {self.sampler_settings['guidance_scale']}")
 
     # ----------------------------------------------------------------------------------------- sampling
+    def prepare_for_sampling(self, compile: bool) -> None:
+        """Fast inference on a GPU: channels_last for the sampling network (EMA) and the decoder, and optionally
+        torch.compile of both (worth it for many batches of one shape: the sample stage, FID@50k)."""
+        use_channels_last(self.ema.model, self.first_stage)
+        if compile:
+            self.ema.model.compile()
+            if self.first_stage.autoencoder is not None:
+                self.first_stage.autoencoder.decoder.compile()
+
     @torch.no_grad()
     def generate(self, n: int, *, labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                  sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,

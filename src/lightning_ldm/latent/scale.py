@@ -49,3 +49,14 @@ def estimate_scale_factor(batches: Iterable, encode: Callable[[dict], torch.Tens
             yield encode(batch)
 
     return scale_from_moments(all_reduce_sum(latent_moments(latents()), device))
+
+
+def ranks_agree(value: float, device: torch.device) -> tuple[float, float]:
+    """(min, max) of ``value`` over all ranks: equal when every rank trains on the same latent scale."""
+    both = torch.tensor([value, -value], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        both = both.to(backend_device)
+        dist.all_reduce(both, op=dist.ReduceOp.MIN)
+    low, negative_high = both.cpu().tolist()
+    return low, -negative_high

@@ -203,6 +203,8 @@ class FIDCallback(L.Callback):
         self.history.append((step, value))
         metrics = {f"val/{k}": v for k, v in values.items()}
         metrics[self.best_key] = self.best
+        pl_module.exclude_from_training_time(time.perf_counter() - start)
+        metrics["perf/train_seconds"] = pl_module.training_seconds()  # FID against training time, not batches
         publish(trainer, metrics, step)
         if trainer.is_global_zero:
             spec = generated.spec

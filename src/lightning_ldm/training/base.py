@@ -6,6 +6,7 @@ Why our own counter: with manual optimisation Lightning 2.x advances ``trainer.g
 ``max_steps``, EMA warm-up and log axes must count *batches*, so they use ``batch_step``.
 """
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,8 +24,14 @@ class StepCountingModule(L.LightningModule):
         super().__init__()
         self.max_steps = max_steps
         self.batch_step = 0  # training batches completed; saved in checkpoints
+        self.save_final_checkpoint = True  # benchmarks turn it off
         self._rng_states_to_restore: Optional[dict] = None
         self._batch_finished_uncounted = False  # between a batch's optimizer step and our counter's increment
+        # Training time: fit wall time minus validation and evaluation (FID), summed over resumed segments.
+        self._train_seconds_before = 0.0
+        self._clock_start: Optional[float] = None
+        self._evaluation_seconds = 0.0
+        self._validation_start: Optional[float] = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._batch_finished_uncounted = False
@@ -32,10 +39,28 @@ class StepCountingModule(L.LightningModule):
         if self.batch_step >= self.max_steps:
             self.trainer.should_stop = True
             # The final state is resumable: rerunning with a larger max_steps continues from here.
-            if self.trainer.default_root_dir and not self.trainer.fast_dev_run:
+            if self.save_final_checkpoint and self.trainer.default_root_dir and not self.trainer.fast_dev_run:
                 self.trainer.save_checkpoint(Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt")
 
+    # ----------------------------------------------------------------------------------------- training time
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def training_seconds(self) -> float:
+        """Seconds spent training so far in this run, all segments (waits for the GPU: call it once a window)."""
+        if self._clock_start is None:
+            return self._train_seconds_before
+        self._synchronize()
+        return self._train_seconds_before + time.perf_counter() - self._clock_start - self._evaluation_seconds
+
+    def exclude_from_training_time(self, seconds: float) -> None:
+        """Evaluation inside the training loop (FID) is not training time."""
+        self._evaluation_seconds += seconds
+
     def on_train_start(self) -> None:
+        self._synchronize()
+        self._clock_start, self._evaluation_seconds = time.perf_counter(), 0.0
         if self.batch_step >= self.max_steps:
             print(f"Training already reached max_steps={self.max_steps}; nothing to do.")
             self.trainer.should_stop = True
@@ -47,8 +72,14 @@ class StepCountingModule(L.LightningModule):
     # training does not depend on how often it validates, and a resumed run matches an uninterrupted one.
     def on_validation_start(self) -> None:
         self._rng_before_validation = get_rng_states()
+        self._synchronize()
+        self._validation_start = time.perf_counter()
 
     def on_validation_end(self) -> None:
+        if self._validation_start is not None and self._clock_start is not None:
+            self._synchronize()
+            self.exclude_from_training_time(time.perf_counter() - self._validation_start)
+        self._validation_start = None
         if getattr(self, "_rng_before_validation", None) is not None:
             set_rng_states(self._rng_before_validation)
             self._rng_before_validation = None
@@ -66,6 +97,7 @@ class StepCountingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["batch_step"] = self.batch_step + int(self._batch_finished_uncounted)
+        checkpoint["training_seconds"] = self.training_seconds()
         # Every rank's RNG states (each rank draws its own noise); Lightning calls this hook on all ranks.
         # Inside validation, the state that training resumes with is the one from before validation.
         states = getattr(self, "_rng_before_validation", None) or get_rng_states()
@@ -78,6 +110,7 @@ class StepCountingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.batch_step = int(checkpoint.get("batch_step", 0))
+        self._train_seconds_before = float(checkpoint.get("training_seconds", 0.0))
         states = checkpoint.get("rng_states") or []
         rank = self.trainer.global_rank if self._trainer is not None else 0
         if rank < len(states):

@@ -1,0 +1,43 @@
+"""Weak-scaling table from the runs' CSV logs: images/s (median of the logged windows after the first, which holds
+torch.compile and cuDNN warm-up), per GPU, efficiency = images/s on N GPUs / (N x images/s on 1 GPU), peak memory.
+
+    python experiments/scaling/summarize.py <outputs root>     # expects <stage>/<name>-<N>gpu/csv/metrics.csv
+"""
+
+import csv
+import re
+import statistics
+import sys
+from pathlib import Path
+
+
+def windows(metrics_csv: Path) -> tuple[list[float], float]:
+    rates, memory = [], 0.0
+    for row in csv.DictReader(metrics_csv.open()):
+        if row.get("perf/images_per_sec"):
+            rates.append(float(row["perf/images_per_sec"]))
+        if row.get("perf/peak_memory_gb"):
+            memory = max(memory, float(row["perf/peak_memory_gb"]))
+    return rates, memory
+
+
+def main(root: Path) -> None:
+    runs: dict[str, dict[int, tuple[float, float, int]]] = {}
+    for metrics in sorted(root.glob("*/*/csv/metrics.csv")):
+        match = re.fullmatch(r"(.+)-(\d+)gpu", metrics.parents[1].name)
+        if not match:
+            continue
+        rates, memory = windows(metrics)
+        if len(rates) >= 2:
+            runs.setdefault(match[1], {})[int(match[2])] = (statistics.median(rates[1:]), memory, len(rates) - 1)
+    print("| model | GPUs | images/s | images/s per GPU | efficiency | peak GiB/GPU | windows |")
+    print("|---|---|---|---|---|---|---|")
+    for name, by_n in runs.items():
+        base = by_n.get(1, (None,))[0]
+        for n, (rate, memory, count) in sorted(by_n.items()):
+            efficiency = f"{rate / (n * base):.1%}" if base else "-"
+            print(f"| {name} | {n} | {rate:.1f} | {rate / n:.1f} | {efficiency} | {memory:.1f} | {count} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
