@@ -85,7 +85,7 @@ def test_generator_loss_leaves_no_gradient_in_the_discriminator(tmp_path):
                                      for p in module.loss.discriminator.parameters()])
 
     original_step = module._step
-    module._step = lambda optimizer: (record(optimizer), original_step(optimizer))
+    module._step = lambda optimizer, *rest: (record(optimizer), original_step(optimizer, *rest))
     fit(module, tmp_path)
     generator_step, discriminator_step = seen[0], seen[1]
     names = [n for n, _ in module.loss.discriminator.named_parameters()]
@@ -99,7 +99,7 @@ def test_accumulation_steps_once_per_n_batches(tmp_path):
     module = make_module(max_steps=6, disc_start=100, accumulate=3)
     steps = []
     original_step = module._step
-    module._step = lambda optimizer: (steps.append(module.batch_step), original_step(optimizer))
+    module._step = lambda optimizer, *rest: (steps.append(module.batch_step), original_step(optimizer, *rest))
     fit(module, tmp_path)
     assert steps == [2, 5]
 
@@ -108,7 +108,7 @@ def test_gradient_clipping_bounds_the_norm(tmp_path):
     module = make_module(max_steps=1, disc_start=100, clip=1e-3)
     norms = []
 
-    def step(optimizer):
+    def step(optimizer, *rest):
         module.clip_gradients(optimizer, gradient_clip_val=module.grad_clip_norm, gradient_clip_algorithm="norm")
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
@@ -120,13 +120,26 @@ def test_gradient_clipping_bounds_the_norm(tmp_path):
 
 
 def test_nan_loss_stops_with_a_checkpoint(tmp_path):
-    module = make_module(max_steps=4)
+    module = make_module(max_steps=6)
+    initial = {k: v.clone() for k, v in module.autoencoder.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match="generator loss is nan at batch 0") as info:
         fit(module, tmp_path, data=TinyImages(poison=True))
     path = tmp_path / "checkpoints" / "nonfinite-step0.ckpt"
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    assert torch.isfinite(next(iter(checkpoint["state_dict"].values()))).all()
+    # Every step was non-finite, so every step was skipped on the device: the weights are the initial ones,
+    # the optimizer never counted a step, and the run stopped DELAY batches after the first bad one.
+    saved = {k[len("autoencoder."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("autoencoder.")}
+    assert all(torch.equal(saved[k], initial[k]) for k in initial)
+    assert checkpoint["batch_step"] == 2
+    adam_steps = [float(s["step"]) for s in checkpoint["optimizer_states"][0]["state"].values()]
+    assert adam_steps and set(adam_steps) == {0.0}
+
+
+def test_nan_at_the_last_batch_is_still_caught(tmp_path):
+    module = make_module(max_steps=1)
+    with pytest.raises(NonFiniteLossError, match="at batch 0"):
+        fit(module, tmp_path, data=TinyImages(poison=True))
 
 
 def test_image_size_must_be_divisible_by_f(tmp_path):

@@ -85,12 +85,51 @@ def test_dry_run_on_digits_writes_a_loadable_extractor(script, tmp_path):
     assert saved["metric_label"] == "fd-digits-resnet9" and result["heldout_accuracy"] == saved["heldout_accuracy"]
 
     extractor = build_feature_extractor(FeatureExtractorSpec(**saved["extractor_spec"]))
-    # The same network rebuilt by hand from the bundle: the extractor's features are its pooled features.
+    # The bundle holds float16 weights (half the file) and float32 BatchNorm statistics; the extractor runs in fp32.
     bundle = torch.load(out / "digits-resnet9.pt", weights_only=True)
+    parameters = {name for name, _ in ResNet9(**bundle["kwargs"]).named_parameters()}
+    assert saved["bundle_dtype"] == "float16" and saved["bundle_bytes"] == (out / "digits-resnet9.pt").stat().st_size
+    assert {v.dtype for k, v in bundle["state_dict"].items() if k in parameters} == {torch.float16}
+    assert {v.dtype for k, v in bundle["state_dict"].items() if "running" in k} == {torch.float32}
+    assert {p.dtype for p in extractor.net.parameters()} == {torch.float32}
+    assert 0 <= saved["rounding_feature_change"] < 1e-2 and 0 <= saved["heldout_accuracy_unrounded_weights"] <= 1
+    # The same network rebuilt by hand from the bundle: the extractor's features are its pooled features.
     net = ResNet9(**bundle["kwargs"]).eval()
-    net.load_state_dict(bundle["state_dict"])
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in bundle["state_dict"].items()})
     images = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
     features = extractor(images)["features"]
     assert features.shape == (6, 8 * 16)
     with torch.no_grad():
         torch.testing.assert_close(features, net.features(script.to_signed(images)), rtol=1e-5, atol=1e-5)
+
+
+def test_float16_bundles_load_into_a_float32_network_with_the_rounded_weights(script, tmp_path):
+    from lightning_ldm.metrics.features import save_extractor_checkpoint
+
+    torch.manual_seed(0)
+    net = ResNet9(in_channels=1, num_classes=10, width=8).eval()
+    with torch.no_grad():  # BatchNorm statistics away from their initial 0 / 1, as after training
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(1e-3, 2.0)
+    kwargs = {"in_channels": 1, "num_classes": 10, "width": 8}
+    paths = {dtype: save_extractor_checkpoint(net, tmp_path / f"{dtype}.pt", target=script.TARGET, kwargs=kwargs,
+                                              feature_layer="pool", dtype=getattr(torch, dtype))
+             for dtype in ("float16", "float32")}
+    assert paths["float16"].stat().st_size < 0.6 * paths["float32"].stat().st_size
+    images = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8)
+    spec = FeatureExtractorSpec(kind="checkpoint", name="half", path=str(paths["float16"]), feature_layer="pool")
+    extractor, change = script.check_bundle(net, spec, images, torch.float16)  # the script's own reload check
+    assert {p.dtype for p in extractor.net.parameters()} == {torch.float32}
+    with torch.no_grad():
+        expected = script.rounded_copy(net, torch.float16).features(script.to_signed(images))
+        unrounded = net.features(script.to_signed(images))
+    features = extractor(images)["features"]
+    assert features.dtype == torch.float32
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(features, unrounded) and 0 < change < 1e-2  # rounding shows, and stays small
+    with pytest.raises(ValueError, match="does not fit"):
+        with torch.no_grad():
+            net.head.weight[0, 0] = 1e6
+        save_extractor_checkpoint(net, tmp_path / "big.pt", target=script.TARGET, kwargs=kwargs, dtype=torch.float16)

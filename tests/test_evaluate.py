@@ -153,3 +153,41 @@ def test_measuring_fid_leaves_the_training_random_stream_alone(files):
     again = generated_features(module, extractor, num_samples=4, seed_start=3, batch_size=3,
                                settings=SamplingSettings(sampler="ddim", steps=2, eta=1.0))
     assert torch.equal(first.features, again.features)  # fixed seeds: every evaluation sees the same noise
+
+
+def test_stage2_against_the_held_out_split_says_so_and_matches_its_images(compose, files, capsys):
+    cfg = compose(*options(files, files["stage2"], f"evaluate.num_samples={SAMPLES}", "evaluate.metrics=[fid]",
+                           "evaluate.reference_split=val"))
+    validate_config(cfg)
+    report = evaluate(cfg)
+    out = capsys.readouterr().out
+    data = DigitsDataModule()
+    data.setup()
+    held_out = torch.stack([data.val_dataset[i]["image"] for i in range(len(data.val_dataset))])  # null: all of them
+    assert report["reference_split"] == "val" and report["reference"]["key"]["split"] == "val"
+    assert report["reference"]["n"] == len(data.val_dataset) == 500 and "-val-" in Path(report["reference"]["file"]).name
+    assert report["evaluate"]["reference_split"] == "val"
+    assert (files["stage2"].parent / "ldm-ema.eval-16-ddim2-eta0.0-cfg1.0-ema-seed0-refval.json").is_file()
+
+    module = load_diffusion_model(str(files["stage2"])).eval()
+    images, _ = module.generate(SAMPLES, x_T=initial_noise(list(range(SAMPLES)), (1, 32, 32)), sampler="ddim", steps=2)
+    expected = fid_statistics_to_metric(fid_features_to_statistics(pooled(images)),
+                                        fid_features_to_statistics(pooled(held_out)), False)["frechet_inception_distance"]
+    value = report["metrics"]["fd-pixels@16"]
+    assert value == pytest.approx(expected, rel=1e-4)
+    assert f"fd-pixels@16 = {value:.6g} (against the val split)" in out  # same metric name; the line says the split
+
+    train = evaluate(compose(*options(files, files["stage2"], f"evaluate.num_samples={SAMPLES}", "evaluate.metrics=[fid]")))
+    assert train["reference_split"] == "train" and train["reference"]["file"] != report["reference"]["file"]
+    assert train["reference"]["n"] == len(data.train_dataset) and train["metrics"]["fd-pixels@16"] != pytest.approx(value)
+
+
+def test_held_out_reference_without_held_out_images_is_one_clear_error(compose, files):
+    cfg = compose(*options(files, files["stage2"], "evaluate.num_samples=4", "evaluate.reference_split=val",
+                           "data.val_fraction=0"))
+    with pytest.raises(ConfigError) as error:
+        evaluate(cfg)
+    message = str(error.value)
+    assert "\n" not in message and "evaluate.reference_split=val" in message and "data.val_fraction=0" in message
+    with pytest.raises(ConfigError, match="evaluate.reference_split"):
+        validate_config(compose(*options(files, files["stage2"], "evaluate.reference_split=test")))

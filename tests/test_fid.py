@@ -285,3 +285,87 @@ def test_the_default_stage2_run_can_say_fid_is_off(capsys, monkeypatch, tmp_path
     FIDDisabledNotice().on_fit_start(type("Trainer", (), {"is_global_zero": True})(), None)
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and "callbacks=fid" in line and "weights-inception-2015-12-05-6726825d.pth" in line
+
+
+# --------------------------------------------------------------------------- reference split
+def pooled_statistics(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """mu and sigma of the pixels extractor's features (8-bit quantised, 4x4 average pool), in float64 numpy."""
+    quantized = ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    features = torch.nn.functional.adaptive_avg_pool2d(quantized, 4).flatten(1).double().numpy()
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def test_reference_split_val_uses_the_held_out_images_and_its_own_cache_file(tmp_path, pixels, capsys):
+    images = smooth_images(48, seed=8)
+    write_folder(tmp_path / "real", images)
+    cache = tmp_path / "cache"
+
+    def measured(split: str) -> FIDCallback:
+        fid = FIDCallback(every_n_steps=0, num_samples=16, batch_size=8, feature_extractor=pixels,
+                          cache_dir=str(cache), reference_split=split)
+        fit(StubDiffusion(to_signed(images), max_steps=1), folder_data(tmp_path / "real", val_fraction=0.25),
+            [fid], tmp_path)
+        return fid
+
+    val, train = measured("val"), measured("train")
+    out = capsys.readouterr().out
+    assert val.metric_key == train.metric_key == "val/fd-pixels@16"  # the name stays; the split is said in words
+    assert "reference: 12 val-split images (held out)" in out and "against the val split at batch 1" in out
+    assert "reference: 36 train-split images" in out and "against the train split at batch 1" in out
+
+    data = folder_data(tmp_path / "real", val_fraction=0.25)  # flip=True: the reference must not flip
+    data.setup()
+    assert (len(data.train_dataset), len(data.val_dataset)) == (36, 12)
+    by_hand = {"val": pooled_statistics(torch.stack([data.val_dataset[i]["image"] for i in range(12)])),
+               "train": pooled_statistics(torch.stack([unflipped(data.train_dataset)[i]["image"] for i in range(36)]))}
+    for fid, split in [(val, "val"), (train, "train")]:
+        mu, sigma = by_hand[split]
+        assert fid.reference.statistics.n == len(data.val_dataset if split == "val" else data.train_dataset)
+        np.testing.assert_allclose(fid.reference.statistics.mu.double().numpy(), mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fid.reference.statistics.sigma.double().numpy(), sigma, rtol=1e-4, atol=1e-7)
+        assert fid.reference.key["split"] == split and f"-{split}-" in fid.reference.path.name
+    assert not torch.allclose(val.reference.statistics.mu, train.reference.statistics.mu, atol=1e-3)
+    assert dict(val.history)[1] != pytest.approx(dict(train.history)[1])  # samples = all 48 images: both differ
+
+    # The cache is keyed by split: neither run reused the other's file, and each split reuses its own.
+    assert not val.reference.reused and not train.reference.reused and val.reference.path != train.reference.path
+    assert sorted(p.name.split("-")[1] for p in cache.glob("*.npz")) == ["train", "val"]
+    assert measured("val").reference.reused and measured("train").reference.reused
+
+
+def test_reference_split_val_without_held_out_images_is_one_clear_error(tmp_path, pixels):
+    write_folder(tmp_path / "real", smooth_images(8, seed=9))
+    fid = FIDCallback(every_n_steps=0, num_samples=8, feature_extractor=pixels, cache_dir=str(tmp_path / "c"),
+                      reference_split="val")
+    with pytest.raises(ConfigError) as error:
+        fit(StubDiffusion(to_signed(smooth_images(8)), max_steps=1), folder_data(tmp_path / "real", val_fraction=0.0),
+            [fid], tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "callbacks.fid.reference_split=val" in message
+    assert "data.val_fraction=0.0" in message and "reference_split=train" in message
+    with pytest.raises(ConfigError, match="use train or val"):
+        FIDCallback(feature_extractor=pixels, reference_split="test")
+
+
+def test_a_resumed_run_cannot_switch_the_reference_split(pixels):
+    state = FIDCallback(feature_extractor=pixels, reference_split="train").state_dict()
+    assert state["reference_split"] == "train"
+    with pytest.raises(ConfigError, match="measured against the train split"):
+        FIDCallback(feature_extractor=pixels, reference_split="val").load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "reference_split"}  # a checkpoint from before the option
+    FIDCallback(feature_extractor=pixels).load_state_dict(older)
+    with pytest.raises(ConfigError):
+        FIDCallback(feature_extractor=pixels, reference_split="val").load_state_dict(older)
+
+
+def test_fid_yaml_takes_a_typed_reference_split(compose, pixels):
+    from lightning_ldm.config.validate import validate_config
+
+    extractor = ["callbacks.fid.feature_extractor.kind=checkpoint", "callbacks.fid.feature_extractor.name=pixels",
+                 f"callbacks.fid.feature_extractor.path={pixels.path}", "callbacks.best_fid.monitor=val/fd-pixels@10000"]
+    assert instantiate(compose("stage=diffusion", "callbacks=fid", *extractor).callbacks.fid).reference_split == "train"
+    cfg = compose("stage=diffusion", "callbacks=fid", *extractor, "callbacks.fid.reference_split=val")
+    validate_config(cfg)
+    assert instantiate(cfg.callbacks.fid).reference_split == "val"
+    with pytest.raises(ConfigError, match="callbacks.fid.reference_split"):
+        validate_config(compose("stage=diffusion", "callbacks=fid", *extractor, "callbacks.fid.reference_split=test"))

@@ -403,3 +403,20 @@ def test_diffusion_loss_matches_a_hand_computed_case(prediction, loss_type, gamm
     expected = (weight * per_sample).mean()
     loss = module.diffusion_loss(Recorder(), z0, None, generator=torch.Generator().manual_seed(7))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_diverging_run_stops_without_nan_weights(tmp_path):
+    """lr=1e30: the first update explodes the weights, the next loss is not finite. That step is skipped on the
+    device (the fused AdamW's found_inf), reported two batches later, and the saved state is finite."""
+    from lightning_ldm.errors import NonFiniteLossError
+
+    torch.manual_seed(0)
+    module = DiffusionModule(first_stage=identity_first_stage(image_channels=1), unet=TINY_UNET,
+                             schedule=NoiseSchedule(), image_size=32, num_log_images=0, lr=1e30, max_steps=20)
+    with pytest.raises(NonFiniteLossError) as error:
+        make_trainer(tmp_path, 20).fit(module, datamodule=FewDigits(batch_size=4))
+    assert_one_line(error, "diffusion", "the weights never took that update")
+    path = Path(str(error.value).split("state saved to ")[1].split(". ")[0])
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    weights = [v for k, v in checkpoint["state_dict"].items() if k.startswith(("unet.", "ema.model."))]
+    assert all(torch.isfinite(w).all() for w in weights if w.is_floating_point())

@@ -42,6 +42,7 @@ class SampleConfig:
     accelerator: str = "auto"
     devices: int = 1
     precision: Optional[str] = None
+    compile: Optional[bool] = None
 
 
 @dataclass
@@ -60,6 +61,7 @@ class EvaluateConfig:
     use_ema: bool = True
     metrics: list[Literal["fid", "kid", "is", "prc"]] = field(default_factory=lambda: ["fid", "kid", "is", "prc"])
     feature_extractor: Any = None  # a FeatureExtractorSpec node, checked against its signature
+    reference_split: Literal["train", "val"] = "train"
     reference_num_images: Optional[int] = None
     reference_cache_dir: Optional[str] = None
     split: Literal["train", "val"] = "val"

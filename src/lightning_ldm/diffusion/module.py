@@ -107,6 +107,8 @@ class DiffusionModule(StepCountingModule):
                 use_channels_last(self.unet, self.ema.model, self.first_stage)
             if resolve_compile(self.compile_setting, self.trainer):
                 self.unet.compile()  # the trained copy only: its shapes never change, sampling's do
+                if not self.cache_latents and self.first_stage.autoencoder is not None:
+                    self.first_stage.autoencoder.encoder.compile()  # encoding every batch: as hot as the UNet
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or stage != "fit":
             return
@@ -185,9 +187,9 @@ class DiffusionModule(StepCountingModule):
               f"({self.first_stage.source})")
 
     def configure_optimizers(self):
-        fused = {"fused": True} if torch.cuda.is_available() else {}
+        # Fused: one kernel for all parameters, and it can skip a non-finite step on the device (nonfinite.py).
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.lr, weight_decay=self.weight_decay,
-                                      betas=self.adam_betas, **fused)
+                                      betas=self.adam_betas, fused=True)
         warmup = self.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
@@ -225,16 +227,21 @@ class DiffusionModule(StepCountingModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         z0, labels = self.latents_and_labels(batch)
         loss = self.diffusion_loss(self.unet, z0, labels)
-        self.check_finite(loss, "diffusion")
+        self._loss_to_guard = loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=z0.shape[0])
         if self.batch_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
             self.log("train/ema_decay", self.ema.current_decay(), on_step=True, on_epoch=False)
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # After backward (and the DDP all-reduce), inside optimizer.step before the fused update reads found_inf.
+        self._skip = self.guard_step(optimizer, self._loss_to_guard, "diffusion")
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.unet)  # once per optimizer step, after the weights changed
+        # Once per optimizer step, after the weights changed; a skipped (non-finite) step moves the EMA neither.
+        self.ema.update(self.unet, skip=getattr(self, "_skip", None))
 
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:

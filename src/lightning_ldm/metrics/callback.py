@@ -2,7 +2,10 @@
 
 ``FIDCallback``: every ``every_n_steps`` training batches (the module's own ``batch_step``) and at the end of fit,
 ``num_samples`` images from fixed seeds with the EMA weights and the configured sampler, against cached
-statistics of the training images. Logs ``val/fid@{n}`` (``val/fd-<name>@{n}`` for another extractor) and
+statistics of the training images (``reference_split: train``, FID's usual convention) or of the held-out
+validation images (``reference_split: val``: what a domain extractor trained on the training split needs for an
+honest number). The metric's name does not say which split (the printed lines do): compare runs only with the
+same reference. Logs ``val/fid@{n}`` (``val/fd-<name>@{n}`` for another extractor) and
 ``val/fid@{n}_best`` into the loggers and ``trainer.callback_metrics``, so a ModelCheckpoint can keep the
 best-FID weights (conf/callbacks/fid.yaml does). Only comparable at the same n: FID from fewer samples is
 biased high.
@@ -31,13 +34,14 @@ from lightning_ldm.metrics.distributed import broadcast_object, gather_rows, ran
 from lightning_ldm.metrics.features import (FeatureExtractorSpec, build_feature_extractor, check_spec,
                                             metric_label)
 from lightning_ldm.metrics.frechet import distance_to_reference
-from lightning_ldm.metrics.reference import load_or_compute_reference, reference_indices, unflipped
+from lightning_ldm.metrics.reference import load_or_compute_reference, reference_indices, split_view, unflipped
 from lightning_ldm.metrics.sampling import SamplingSettings, generated_features
 from lightning_ldm.metrics.scores import distribution_metrics
 from lightning_ldm.metrics.weights import INCEPTION, hub_checkpoint_dir, hub_file
 from lightning_ldm.training.images import log_image_grid
 
 ExtraMetric = Literal["kid", "is", "prc"]
+ReferenceSplit = Literal["train", "val"]
 _FID_LIKE = re.compile(r"^val/(fid|fd-)")
 
 
@@ -76,6 +80,7 @@ class FIDCallback(L.Callback):
         use_ema: bool = True,
         seed: int = 0,
         feature_extractor: Optional[FeatureExtractorSpec] = None,
+        reference_split: ReferenceSplit = "train",
         reference_num_images: Optional[int] = None,
         cache_dir: Optional[str] = None,
         extra_metrics: Sequence[ExtraMetric] = (),
@@ -86,6 +91,8 @@ class FIDCallback(L.Callback):
         if every_n_steps < 0 or num_samples < 2 or batch_size < 1:
             raise ConfigError(f"callbacks.fid: every_n_steps={every_n_steps} must be >= 0 (0: only at the end), "
                               f"num_samples={num_samples} >= 2 and batch_size={batch_size} >= 1")
+        if reference_split not in ("train", "val"):
+            raise ConfigError(f"callbacks.fid.reference_split={reference_split!r}: use train or val")
         unknown = set(extra_metrics) - {"kid", "is", "prc"}
         if unknown:
             raise ConfigError(f"callbacks.fid.extra_metrics: unknown {sorted(unknown)}; use kid, is, prc")
@@ -97,6 +104,7 @@ class FIDCallback(L.Callback):
         self.label = metric_label(self.spec)
         self.metric_key = f"val/{self.label}@{num_samples}"
         self.best_key = f"{self.metric_key}_best"
+        self.reference_split = reference_split
         self.reference_num_images, self.cache_dir = reference_num_images, cache_dir
         self.extra_metrics, self.kid_subset_size = tuple(extra_metrics), kid_subset_size
         self.num_grid_images, self.at_fit_end = num_grid_images, at_fit_end
@@ -111,9 +119,15 @@ class FIDCallback(L.Callback):
         return self._generate_state_key(metric=self.metric_key)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "last_step": self.last_step}
+        return {"best": self.best, "best_step": self.best_step, "last_step": self.last_step,
+                "reference_split": self.reference_split}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        measured = state_dict.get("reference_split", "train")  # checkpoints from before the option: train
+        if measured != self.reference_split:
+            raise ConfigError(f"callbacks.fid.reference_split={self.reference_split}, but this run's earlier "
+                              f"{self.metric_key} values were measured against the {measured} split: its best value "
+                              f"would mix the two; resume with reference_split={measured} or start a new run_name")
         self.best, self.best_step = float(state_dict["best"]), int(state_dict["best_step"])
         self.last_step = int(state_dict["last_step"])
 
@@ -123,8 +137,9 @@ class FIDCallback(L.Callback):
             return
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or getattr(datamodule, "train_dataset", None) is None:
-            raise ConfigError("callbacks.fid needs a data module: FID compares samples with its training images")
-        self._dataset, self._identity = unflipped(datamodule.train_dataset), datamodule.identity()
+            raise ConfigError("callbacks.fid needs a data module: FID compares samples with its images")
+        self._dataset = split_view(datamodule, self.reference_split, "callbacks.fid.reference_split")
+        self._identity = datamodule.identity()
         self._check_checkpoints(trainer, pl_module)
         self.extractor = build_feature_extractor(self.spec, "callbacks.fid.feature_extractor",
                                                  trainer.strategy.root_device)
@@ -154,14 +169,14 @@ class FIDCallback(L.Callback):
         cache_dir = Path(self.cache_dir or Path(trainer.default_root_dir) / "fid_reference")
         self.reference = load_or_compute_reference(
             self._dataset, identity=self._identity, extractor=self.extractor, cache_dir=cache_dir,
-            count=self.reference_num_images, batch_size=self.batch_size,
+            split=self.reference_split, count=self.reference_num_images, batch_size=self.batch_size,
             keep_features=bool({"kid", "prc"} & set(self.extra_metrics)))
         if trainer.is_global_zero:
             when = [f"every {self.every_n_steps} batches"] if self.every_n_steps else []
             when += ["at the end of fit"] if self.at_fit_end else []
             print(f"FID: {self.metric_key} {' and '.join(when) or 'never (every_n_steps=0, at_fit_end=false)'}; "
                   f"seeds {self.seed}..{self.seed + self.num_samples - 1}, "
-                  f"{'EMA' if self.settings.use_ema else 'raw'} weights")
+                  f"{'EMA' if self.settings.use_ema else 'raw'} weights; reference: {self._reference_words()}")
 
     # ----------------------------------------------------------------------------------------- triggers
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
@@ -212,10 +227,15 @@ class FIDCallback(L.Callback):
                 nrow = min(8, math.ceil(math.sqrt(len(generated.first_images))))
                 log_image_grid(trainer, "val/fid_samples", generated.first_images, nrow=nrow, step=step,
                                caption=f"seeds {self.seed}.., {spec.get('name')} {spec.get('steps')} steps")
-            print(f"{self.metric_key} = {value:.4g} at batch {step} (best {self.best:.4g} at batch {self.best_step}; "
-                  f"{spec.get('name')} {spec.get('steps')} steps, eta {spec.get('eta')}, guidance "
-                  f"{spec.get('guidance_scale')}; {time.perf_counter() - start:.0f} s)")
+            print(f"{self.metric_key} = {value:.4g} against the {self.reference_split} split at batch {step} "
+                  f"(best {self.best:.4g} at batch {self.best_step}; {spec.get('name')} {spec.get('steps')} steps, "
+                  f"eta {spec.get('eta')}, guidance {spec.get('guidance_scale')}; "
+                  f"{time.perf_counter() - start:.0f} s)")
         return metrics
+
+    def _reference_words(self) -> str:
+        n = self.reference.statistics.n if self.reference is not None else "?"
+        return f"{n} {self.reference_split}-split images" + (" (held out)" if self.reference_split == "val" else "")
 
 
 class ReconstructionFIDCallback(L.Callback):

@@ -10,7 +10,8 @@ Two kinds, chosen by ``FeatureExtractorSpec`` (the ``feature_extractor:`` node o
 - ``kind: checkpoint``: your own network at ``path``, for domains where ImageNet features mean little. The file
   is either a TorchScript module (``torch.jit.script(net).save(path)``) or a ``torch.save``d dict
   ``{"_target_": "package.module.Class", "kwargs": {...}, "state_dict": ..., "feature_layer": "pool"}``
-  (see ``save_extractor_checkpoint``). It receives float images in [-1, 1], NCHW, with the data's channels
+  (see ``save_extractor_checkpoint``; its parameters may be stored in float16 to halve the file: they are
+  widened into the float32 network the bundle's class builds, which then runs in float32). It receives float images in [-1, 1], NCHW, with the data's channels
   and size, exactly as the training loader gives them; the features are the output of the submodule named
   ``feature_layer`` (a forward hook) or, when there is none, the network's output, flattened to (N, D).
 
@@ -213,6 +214,8 @@ def _load_network(file: Path) -> tuple[nn.Module, Optional[str]]:
     except Exception as error:
         raise CheckpointError(f"{file}: cannot build {bundle['_target_']} ({type(error).__name__}: {error})") from None
     try:
+        # load_state_dict copies into the parameters the constructor made (float32), so a float16 bundle is widened
+        # here and the network runs in float32 with the fp16-rounded weights.
         net.load_state_dict(bundle["state_dict"], strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{file}: weights do not fit {bundle['_target_']} "
@@ -228,12 +231,26 @@ def _is_torchscript(file: Path) -> bool:
 
 
 def save_extractor_checkpoint(net: nn.Module, path: str | Path, *, target: str, kwargs: Optional[dict] = None,
-                              feature_layer: Optional[str] = None) -> Path:
-    """Bundle your network for ``kind: checkpoint``: ``target`` is its class path, ``kwargs`` its constructor."""
+                              feature_layer: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> Path:
+    """Bundle your network for ``kind: checkpoint``: ``target`` is its class path, ``kwargs`` its constructor.
+
+    ``dtype`` (e.g. ``torch.float16``, half the file) stores the floating-point *parameters* in that dtype; buffers
+    (BatchNorm running statistics: few values, and a variance near 0 would lose its relative precision) keep
+    theirs. The loader widens them back into the network's own float32 parameters."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    parameters = {name for name, _ in net.named_parameters()}
+    state = {}
+    for name, value in net.state_dict().items():
+        value = value.detach().cpu()
+        if dtype is not None and name in parameters and value.is_floating_point():
+            largest = value.abs().max().item() if value.numel() else 0.0
+            if largest > torch.finfo(dtype).max:
+                raise ValueError(f"{name}: |value| up to {largest:g} does not fit {dtype}; save it in float32")
+            value = value.to(dtype)
+        state[name] = value
     torch.save({"_target_": target, "kwargs": dict(kwargs or {}), "feature_layer": feature_layer,
-                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}, path)
+                "state_dict": state}, path)
     return path
 
 

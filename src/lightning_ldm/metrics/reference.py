@@ -3,6 +3,8 @@
 The images are the data module's own split views with the random flip switched off: the same decoding, crop,
 resize, channel conversion and [-1, 1] scaling as the training loader, then the same 8-bit quantisation as the
 samples (FID is off by 2-3x when reference images are preprocessed differently from the training images).
+Either split can be the reference: the training images (FID's usual convention) or the held-out validation
+images, the honest choice for an extractor trained on the training split (``split_view``).
 
 The cache file ``<cache_dir>/<data>-<split>-<n>-<label>-<hash>.npz`` holds mu, sigma, its square root, n, the
 key as JSON and, when KID or precision/recall need them, the features. The key is the data identity
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_ldm.errors import ConfigError
 from lightning_ldm.metrics.distributed import broadcast_object, gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import FeatureExtractor
 from lightning_ldm.metrics.frechet import GaussianStatistics
@@ -49,6 +52,21 @@ def unflipped(dataset: Dataset) -> Dataset:
     if getattr(dataset, "flip", False):
         raise TypeError(f"{type(dataset).__name__} flips images at random; give the reference an unflipped view")
     return dataset
+
+
+def split_view(datamodule, split: str, config_key: str) -> Dataset:
+    """The unflipped view of a set-up data module's ``split`` ("train" or "val"): the images exactly as its
+    loader preprocesses them, without the random flip. Fewer than 2 images is a configuration error."""
+    if split not in ("train", "val"):
+        raise ConfigError(f"{config_key}={split!r}: use train or val")
+    view = datamodule.train_dataset if split == "train" else datamodule.val_dataset
+    count = 0 if view is None else len(view)
+    if count < 2:
+        fraction = getattr(datamodule, "val_fraction", None)
+        why = (f"data.val_fraction={fraction} holds out no images; set data.val_fraction > 0 (e.g. 0.1) or "
+               f"{config_key}=train") if split == "val" and not fraction else "Frechet distances need at least 2"
+        raise ConfigError(f"{config_key}={split}: the {split} split has {count} image(s); {why}")
+    return unflipped(view)
 
 
 def reference_indices(total: int, count: Optional[int]) -> list[int]:

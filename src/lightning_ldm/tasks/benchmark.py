@@ -62,7 +62,7 @@ def target_config(cfg: DictConfig) -> DictConfig:
     return compose(config_name="config", overrides=overrides)
 
 
-def random_first_stage(node: DictConfig):
+def random_first_stage(node: DictConfig, data: DictConfig):
     """The preset's first stage with random weights: an export is replaced by the architecture it must have."""
     from lightning_ldm.autoencoder.model import PAPER_PRESETS, SMALL_PRESETS, Autoencoder
     from lightning_ldm.latent.first_stage import FrozenFirstStage
@@ -84,6 +84,7 @@ def random_first_stage(node: DictConfig):
     config = PAPER_PRESETS.get(name) or SMALL_PRESETS.get(f"{name}-small")
     if config is None:
         raise ConfigError(f"benchmark: no autoencoder preset {name}; choose autoencoder=<preset>")
+    config = {**config, "in_channels": data.channels, "resolution": data.image_size}
     model = Autoencoder(**config)
     return FrozenFirstStage(model, {"config": config}, latent_channels=model.latent_channels, downsampling_factor=f,
                             image_channels=model.in_channels, regularizer=regularizer, scale_factor=1.0,
@@ -254,7 +255,7 @@ def benchmark(cfg: DictConfig) -> dict:
     rows: list[Row] = []
     scratch = Path(tempfile.mkdtemp(prefix="ldm-benchmark-"))
     if stage == "diffusion":
-        first_stage = random_first_stage(target.autoencoder)
+        first_stage = random_first_stage(target.autoencoder, target.data)
 
         def diffusion_module(cache: bool):
             def build():

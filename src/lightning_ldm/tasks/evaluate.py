@@ -1,9 +1,11 @@
 """``stage=evaluate``: the numbers of a finished model, with everything needed to reproduce them.
 
 A stage-2 checkpoint (``.ckpt`` or the EMA export ``.safetensors``): FID from ``num_samples`` samples (50k, the
-paper's protocol) against statistics of the *training* images of the ``data`` group, plus KID, Inception Score
-and precision/recall. A stage-1 export (``export/autoencoder.safetensors``): rFID of the reconstructions of
-``num_samples`` images of ``split`` against those same images, plus PSNR and SSIM.
+paper's protocol) against statistics of the *training* images of the ``data`` group (``reference_split: train``,
+the usual convention) or of its held-out validation images (``reference_split: val``), plus KID, Inception Score
+and precision/recall. The metric names do not carry the split; the printed lines and the report do. A stage-1
+export (``export/autoencoder.safetensors``): rFID of the reconstructions of ``num_samples`` images of ``split``
+against those same images, plus PSNR and SSIM (``reference_split`` is not used there).
 
 The JSON report goes beside the checkpoint (``<name>.eval-<settings>.json``, or ``evaluate.report``) and into
 the run directory: metrics, sample count, seeds, sampler, steps, eta, guidance, EMA or not, the extractor and
@@ -30,7 +32,7 @@ from lightning_ldm.metrics.callback import as_spec
 from lightning_ldm.metrics.distributed import gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import build_feature_extractor, check_spec
 from lightning_ldm.metrics.frechet import distance_to_reference
-from lightning_ldm.metrics.reference import load_or_compute_reference, reference_indices, unflipped
+from lightning_ldm.metrics.reference import load_or_compute_reference, reference_indices, split_view
 from lightning_ldm.metrics.sampling import SamplingSettings, generated_features
 from lightning_ldm.metrics.scores import distribution_metrics
 from lightning_ldm.metrics.weights import file_sha256
@@ -98,8 +100,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     shutil.copyfile(path, run_dir / "report.json")
     if grid is not None:
         save_png(grid, run_dir / "grid.png")
+    against = f" (against the {details['reference_split']} split)" if "reference_split" in details else ""
     for key, value in metrics.items():
-        print(f"{key} = {value:.6g}" if isinstance(value, float) else f"{key} = {value}")
+        shown = f"{key} = {value:.6g}" if isinstance(value, float) else f"{key} = {value}"
+        print(shown + (against if key.startswith(f"{extractor.label}@") else ""))
     print(f"Report: {path}")
     return report
 
@@ -110,7 +114,9 @@ def _tag(kind: str, details: dict) -> str:
         return f"{details['split']}{n}"
     s = details["sampling"]
     weights = "ema" if s["use_ema"] else "raw"
-    return f"{n}-{s.get('name')}{s.get('steps')}-eta{s.get('eta')}-cfg{s.get('guidance_scale')}-{weights}-seed{details['seeds'][0]}"
+    reference = "" if details["reference_split"] == "train" else f"-ref{details['reference_split']}"
+    return (f"{n}-{s.get('name')}{s.get('steps')}-eta{s.get('eta')}-cfg{s.get('guidance_scale')}-{weights}"
+            f"-seed{details['seeds'][0]}{reference}")
 
 
 def _check_data(datamodule, image_size: int, channels: int, what: str) -> None:
@@ -127,9 +133,9 @@ def _evaluate_diffusion(options, ckpt, fabric, extractor, datamodule, cache_dir)
     _check_data(datamodule, module.image_size, module.first_stage.image_channels, "model")
     wanted = set(options.metrics)
     reference = load_or_compute_reference(
-        unflipped(datamodule.train_dataset), identity=datamodule.identity(), extractor=extractor, cache_dir=cache_dir,
-        count=options.reference_num_images, batch_size=options.batch_size, keep_features=bool({"kid", "prc"} & wanted),
-        num_workers=datamodule.num_workers)
+        split_view(datamodule, options.reference_split, "evaluate.reference_split"), identity=datamodule.identity(),
+        extractor=extractor, cache_dir=cache_dir, split=options.reference_split, count=options.reference_num_images,
+        batch_size=options.batch_size, keep_features=bool({"kid", "prc"} & wanted), num_workers=datamodule.num_workers)
     settings = SamplingSettings(options.sampler, options.steps, options.eta, options.guidance_scale, options.use_ema,
                                 list(options.classes) if options.classes else None)
     generated = generated_features(module, extractor, num_samples=options.num_samples, seed_start=options.seed_start,
@@ -148,7 +154,8 @@ def _evaluate_diffusion(options, ckpt, fabric, extractor, datamodule, cache_dir)
         "num_samples": options.num_samples, "seeds": [options.seed_start, options.seed_start + options.num_samples - 1],
         "labels": "seed s gets class classes[s % len(classes)]" if module.num_classes else None,
         "sampling": generated.spec, "weights": "ema" if options.use_ema or ckpt.suffix == ".safetensors" else "raw",
-        "batch_step": module.batch_step, "reference": _describe(reference), "notes": notes,
+        "batch_step": module.batch_step, "reference_split": options.reference_split,
+        "reference": _describe(reference), "notes": notes,
     }
     images = generated.first_images
     grid = make_grid(to_uint8(images), max(1, int(len(images) ** 0.5))) if len(images) else None
@@ -167,8 +174,7 @@ def _evaluate_autoencoder(options, ckpt, fabric, extractor, datamodule, cache_di
     trained_on = metadata.get("data") or {}
     if fabric.is_global_zero and trained_on.get("name") not in (None, datamodule.name):
         print(f"Note: the autoencoder was trained on {trained_on.get('name')}, evaluated on {datamodule.name}")
-    view = datamodule.val_dataset if options.split == "val" else datamodule.train_dataset
-    dataset = unflipped(view)
+    dataset = split_view(datamodule, options.split, "evaluate.split")
     indices = reference_indices(len(dataset), options.num_samples)
     if len(indices) < 2:
         raise ConfigError(f"evaluate.split={options.split} has {len(indices)} image(s); FID needs at least 2")

@@ -61,6 +61,9 @@ def sample(cfg: DictConfig) -> None:
     shape = (module.first_stage.latent_channels, module.latent_size, module.latent_size)
     produced: dict[int, np.ndarray] = {}
     batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+    if fabric.device.type == "cuda":
+        # Compiling pays for itself over a few batches of one shape; channels_last always helps on tensor cores.
+        module.prepare_for_sampling(compile=options.compile if options.compile is not None else len(batches) >= 4)
     for batch in tqdm(batches, desc=f"rank {fabric.global_rank} sampling", disable=not fabric.is_global_zero):
         x_T = initial_noise(batch, shape).to(fabric.device)
         labels = labels_for(batch, options.classes, module.num_classes)

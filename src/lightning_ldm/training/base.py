@@ -6,6 +6,7 @@ Why our own counter: with manual optimisation Lightning 2.x advances ``trainer.g
 ``max_steps``, EMA warm-up and log axes must count *batches*, so they use ``batch_step``.
 """
 
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from lightning_ldm.training.nonfinite import NonFiniteGuard
 from lightning_ldm.training.rng import get_rng_states, set_rng_states
 
 from lightning_ldm.errors import NonFiniteLossError
@@ -25,6 +27,7 @@ class StepCountingModule(L.LightningModule):
         self.max_steps = max_steps
         self.batch_step = 0  # training batches completed; saved in checkpoints
         self.save_final_checkpoint = True  # benchmarks turn it off
+        self.nonfinite = NonFiniteGuard()
         self._rng_states_to_restore: Optional[dict] = None
         self._batch_finished_uncounted = False  # between a batch's optimizer step and our counter's increment
         # Training time: fit wall time minus validation and evaluation (FID), summed over resumed segments.
@@ -37,6 +40,7 @@ class StepCountingModule(L.LightningModule):
         self._batch_finished_uncounted = False
         self.batch_step += 1
         if self.batch_step >= self.max_steps:
+            self.stop_if_nonfinite(everything=True)
             self.trainer.should_stop = True
             # The final state is resumable: rerunning with a larger max_steps continues from here.
             if self.save_final_checkpoint and self.trainer.default_root_dir and not self.trainer.fast_dev_run:
@@ -68,6 +72,9 @@ class StepCountingModule(L.LightningModule):
         # the end of a batch; our own counter is the authority.
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.batch_step
 
+    def on_train_end(self) -> None:
+        self.stop_if_nonfinite(everything=True)  # a run that ended otherwise than at max_steps (signal, epochs)
+
     # Validation (posterior samples, sample grids, FID) must not shift the training noise stream: then a run's
     # training does not depend on how often it validates, and a resumed run matches an uninterrupted one.
     def on_validation_start(self) -> None:
@@ -85,6 +92,7 @@ class StepCountingModule(L.LightningModule):
             self._rng_before_validation = None
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.stop_if_nonfinite()
         # Callbacks' on_train_batch_end (a step-triggered ModelCheckpoint, FID) runs before ours: a checkpoint
         # written there holds this batch's update, so it must count this batch (see on_save_checkpoint).
         self._batch_finished_uncounted = True
@@ -116,27 +124,29 @@ class StepCountingModule(L.LightningModule):
         if rank < len(states):
             self._rng_states_to_restore = states[rank]
 
-    def check_finite(self, loss: torch.Tensor, name: str) -> None:
-        """Stop on NaN/inf before the bad gradient reaches the weights; keep the last good state on disk.
+    # ----------------------------------------------------------------------------------------- non-finite losses
+    def guard_step(self, optimizer, loss: torch.Tensor, name: str) -> torch.Tensor:
+        """Call after backward, before ``optimizer.step()``: a non-finite step is skipped on the device (see
+        ``nonfinite.py``); returns the skip flag for anything else that must not move (EMA)."""
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+        return self.nonfinite.before_step(optimizer, loss, name, self.batch_step, gradients=scaler is None)
 
-        Under DDP the verdict is all-reduced, so every rank stops together (a checkpoint save is collective).
-        """
-        finite = torch.isfinite(loss.detach()).all().to(torch.int32)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if bool(finite):
+    def stop_if_nonfinite(self, everything: bool = False) -> None:
+        """Raise (saving the last good state) once a skipped step's verdict reaches the host."""
+        failure = self.nonfinite.first_failure(self.batch_step, everything)
+        if failure is None:
             return
+        batch, name, loss = failure
         path = None
         run_dir = getattr(self.trainer, "default_root_dir", None)
         if run_dir is not None:
-            path = Path(run_dir) / "checkpoints" / f"nonfinite-step{self.batch_step}.ckpt"
-            self._batch_finished_uncounted = False  # the state from before this batch
+            path = Path(run_dir) / "checkpoints" / f"nonfinite-step{batch}.ckpt"
+            self._batch_finished_uncounted = False
             self.trainer.save_checkpoint(path)
-        where = f"; state before this batch saved to {path}" if path else ""
-        raise NonFiniteLossError(
-            f"{name} loss is {loss.detach().float().cpu().item()} at batch {self.batch_step}{where}. "
-            "Lower the learning rate, enable gradient clipping, or check the data"
-        )
+        what = f"{name} loss is {loss}" if not math.isfinite(loss) else f"{name} gradients are not finite (loss {loss})"
+        where = f"; the weights never took that update, state saved to {path}" if path else ""
+        raise NonFiniteLossError(f"{what} at batch {batch}{where}. Lower the learning rate, enable gradient "
+                                 "clipping, or check the data")
 
     def log_learning_rates(self, optimizers: dict) -> None:
         for name, opt in optimizers.items():

@@ -1,0 +1,64 @@
+"""``stage=benchmark`` on tiny presets (CPU: it runs and reports, no timing assertions), synthetic data, and the
+speed settings that must not change the math."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from lightning_ldm.data.synthetic import SyntheticDataModule
+
+TINY = ["logger=none", "benchmark.warmup=1", "benchmark.steps=1", "benchmark.repeats=2", "benchmark.num_workers=0"]
+
+
+def test_stage2_benchmark_writes_its_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("stage=benchmark", "unet=tiny", "autoencoder.regularizer=kl", "autoencoder.downsampling_factor=2",
+                     "data.batch_size=2", "benchmark.sample_batch_size=2", "benchmark.sample_steps=2",
+                     "benchmark.sample_repeats=1", f"benchmark.output={out}", *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["stage 2: cached latents", "stage 2: encoding on the fly", "sampling: dpmpp_2m 2 steps + decode"]
+    assert report["stage"] == "diffusion" and report["device"] == "cpu" and report["compile"] is False
+    cached, on_the_fly, sampling = report["rows"]
+    # FlopCounterMode counted real work: encoding on the fly adds the encoder's forward to the same UNet step.
+    assert 0 < cached["gflop_per_image"] < on_the_fly["gflop_per_image"]
+    assert all(row["images_per_sec"] > 0 and len(row["windows_images_per_sec"]) >= 1 for row in report["rows"])
+    assert report["cached_over_on_the_fly"] == pytest.approx(cached["images_per_sec"] / on_the_fly["images_per_sec"],
+                                                             rel=1e-2)
+    assert "| stage 2: cached latents | 2 |" in result.stdout and "50,000 samples:" in result.stdout
+
+
+def test_stage1_benchmark_times_the_discriminator_off_and_on(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("stage=benchmark", "benchmark.stage=autoencoder", "data.batch_size=2",
+                     f"benchmark.output={out}", *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    off, on = json.loads(out.read_text())["rows"]
+    assert off["name"].endswith("discriminator off") and on["name"].endswith("+ discriminator")
+    assert on["gflop_per_image"] > off["gflop_per_image"] > 0  # the discriminator's forward and backward
+
+
+def test_benchmark_of_an_export_of_unknown_shape_says_what_to_set(tmp_path):
+    result = run_cli("stage=benchmark", "unet=tiny", *TINY, cwd=tmp_path)
+    assert_one_line_error(result, "autoencoder.regularizer", "autoencoder.downsampling_factor")
+
+
+def test_synthetic_images_are_reproducible_varied_and_labelled():
+    data = SyntheticDataModule(num_images=40, image_size=32, channels=3, num_classes=4, batch_size=4,
+                               num_workers=0, val_fraction=0.1)
+    data.setup()
+    again = SyntheticDataModule(num_images=40, image_size=32, channels=3, num_classes=4, batch_size=4,
+                                num_workers=0, val_fraction=0.1)
+    again.setup()
+    first, second = data.train_dataset[0], again.train_dataset[0]
+    assert torch.equal(first["image"], second["image"]) and first["image"].shape == (3, 32, 32)
+    images = torch.stack([data.train_dataset[i]["image"] for i in range(8)])
+    assert images.min() >= -1 and images.max() <= 1
+    assert images.std(dim=(1, 2, 3)).min() > 0.05  # never constant: timing on zeros flatters
+    assert (images[0] - images[1]).abs().mean() > 0.05  # and not the same image twice
+    labels = [data.train_dataset[i]["label"] for i in range(len(data.train_dataset))]
+    assert set(labels) <= {0, 1, 2, 3} and len(set(labels)) == 4
+    assert len(data.train_dataset) + len(data.val_dataset) == 40
