@@ -236,12 +236,13 @@ class DiffusionModule(StepCountingModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # After backward (and the DDP all-reduce), inside optimizer.step before the fused update reads found_inf.
-        self._skip = self.guard_step(optimizer, self._loss_to_guard, "diffusion")
+        self.guard_step(optimizer, self._loss_to_guard, "diffusion")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        # Once per optimizer step, after the weights changed; a skipped (non-finite) step moves the EMA neither.
-        self.ema.update(self.unet, skip=getattr(self, "_skip", None))
+        # Once per optimizer step, after the weights changed. After a step skipped as non-finite the weights did
+        # not change, and the average takes its usual (finite) step towards them; the run stops soon after.
+        self.ema.update(self.unet)
 
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:

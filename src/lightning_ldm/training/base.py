@@ -127,7 +127,7 @@ class StepCountingModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------- non-finite losses
     def guard_step(self, optimizer, loss: torch.Tensor, name: str) -> torch.Tensor:
         """Call after backward, before ``optimizer.step()``: a non-finite step is skipped on the device (see
-        ``nonfinite.py``); returns the skip flag for anything else that must not move (EMA)."""
+        ``nonfinite.py``); returns the device flag."""
         scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
         return self.nonfinite.before_step(optimizer, loss, name, self.batch_step, gradients=scaler is None)
 

@@ -7,7 +7,6 @@ The update counter is a Python int kept in the module's extra state (no GPU sync
 """
 
 import copy
-from typing import Optional
 
 import torch
 from torch import nn
@@ -33,15 +32,11 @@ class EMA(nn.Module):
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, skip: Optional[torch.Tensor] = None) -> None:
-        """``skip``: a device flag (1. = the optimizer skipped this step as non-finite): then nothing moves, decided
-        on the device without a sync."""
-        weight = 1.0 - self.current_decay()
+    def update(self, model: nn.Module) -> None:
+        weight = 1.0 - self.current_decay()  # a Python float: a device tensor here would be read back (a sync)
         pairs = [(e, p.detach()) for e, p in zip(self.model.parameters(), model.parameters()) if e.is_floating_point()]
-        for dtype in {e.dtype for e, _ in pairs}:  # one fused lerp per dtype (normally one)
-            group = [(e, p) for e, p in pairs if e.dtype == dtype]
-            step = weight if skip is None else (1.0 - skip.to(dtype)) * weight  # a 0-dim device tensor: no sync
-            torch._foreach_lerp_([e for e, _ in group], [p.to(dtype) for _, p in group], step)
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p.to(e.dtype) for e, p in pairs], weight)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
         self.num_updates += 1
