@@ -59,6 +59,17 @@ def test_max_steps_counts_batches_not_optimizer_steps(tmp_path):
     assert trainer.global_step == 6 + 4
 
 
+def test_a_training_time_budget_stops_the_run_resumably(tmp_path):
+    """max_train_seconds is read every TIME_CHECK_EVERY batches: with a budget already spent at the first check,
+    the run stops there (not at max_steps) and leaves last.ckpt, like a run that reached max_steps."""
+    module = make_module(max_steps=1000, disc_start=100)
+    module.max_train_seconds = 1e-6
+    fit(module, tmp_path)
+    assert module.batch_step == module.TIME_CHECK_EVERY
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["batch_step"] == module.TIME_CHECK_EVERY and checkpoint["training_seconds"] > 0
+
+
 def test_discriminator_is_not_touched_before_disc_start(tmp_path, monkeypatch):
     module = make_module(max_steps=5, disc_start=3)
     calls = []

@@ -38,7 +38,7 @@ wheels=(); for w in .whl/*.whl .fsweep/whl/*.whl; do [ -f "$w" ] && wheels+=("$w
 [[ " ${phases[*]} " == *" peer "* ]] && for w in .unetbench/whl/*.whl; do [ -f "$w" ] && wheels+=("$w"); done
 [ "$SMOKE" != 1 ] && [ ${#wheels[@]} -gt 0 ] && python3 -m pip install -q --no-index --no-deps --no-compile \
   --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD/experiments/cifar10_f_sweep PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 echo "phases: ${phases[*]}; TRAIN_SECONDS=$TRAIN_SECONDS FD_EVERY=$FD_EVERY FD_SAMPLES=$FD_SAMPLES AE_MAX_TIME=$AE_MAX_TIME"
@@ -73,7 +73,7 @@ stage2() {   # stage 2 for TRAIN_SECONDS of training time, FD against the held-o
   local bundle
   bundle=$(extractor) || { echo "SKIPPED: no $NAME.pt (run the classifier phase, or carry .fsweep)"; return 1; }
   timeout --signal=TERM $((TRAIN_SECONDS + 300)) python3 -m lightning_ldm "$@" "${common[@]}" max_steps=100000000 \
-    +callbacks.budget._target_=budget.TrainingTimeBudget "+callbacks.budget.seconds=$TRAIN_SECONDS" \
+    "max_train_seconds=$TRAIN_SECONDS" \
     "+trainer.max_time=$(clock $((TRAIN_SECONDS + 240)))" \
     callbacks=fid "callbacks.fid.every_n_steps=$FD_EVERY" "callbacks.fid.num_samples=$FD_SAMPLES" \
     callbacks.fid.batch_size=1000 callbacks.fid.reference_split=val callbacks.best_fid=null \

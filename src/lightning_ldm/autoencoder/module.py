@@ -27,6 +27,7 @@ class AutoencoderModule(StepCountingModule):
         autoencoder: Autoencoder,
         loss: AutoencoderLoss,
         max_steps: int = 1000,
+        max_train_seconds: Optional[float] = None,
         lr: float = 4.5e-6,
         adam_betas: tuple[float, float] = (0.5, 0.9),
         accumulate_grad_batches: int = 1,
@@ -36,7 +37,7 @@ class AutoencoderModule(StepCountingModule):
         num_log_images: int = 8,
         compile: Optional[bool] = None,
     ) -> None:
-        super().__init__(max_steps)
+        super().__init__(max_steps, max_train_seconds)
         if accumulate_grad_batches < 1:
             raise ConfigError(f"module.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.autoencoder = autoencoder

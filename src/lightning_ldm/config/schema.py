@@ -103,6 +103,7 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     max_steps: int = 1000  # training batches (our own counter, not Lightning's global_step)
+    max_train_seconds: Optional[float] = None  # also stop after this much training time (evaluation excluded)
     run_name: str = "run"
     resume: Optional[str] = None  # "auto" (last checkpoint of this run directory) or a checkpoint path
     experiment_name: Optional[str] = None

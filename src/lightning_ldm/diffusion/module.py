@@ -44,6 +44,7 @@ class DiffusionModule(StepCountingModule):
         num_classes: Optional[int] = None,
         label_dropout: float = 0.1,
         max_steps: int = 1000,
+        max_train_seconds: Optional[float] = None,
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -61,7 +62,7 @@ class DiffusionModule(StepCountingModule):
         num_log_images: int = 16,
         compile: Optional[bool] = None,
     ) -> None:
-        super().__init__(max_steps)
+        super().__init__(max_steps, max_train_seconds)
         if conditioning != "none" and not num_classes:
             raise ConfigError(f"module.conditioning={conditioning} needs module.num_classes (classes in the data)")
         if image_size % first_stage.downsampling_factor:

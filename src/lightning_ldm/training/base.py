@@ -18,13 +18,16 @@ import torch.distributed as dist
 from lightning_ldm.training.nonfinite import NonFiniteGuard
 from lightning_ldm.training.rng import get_rng_states, set_rng_states
 
-from lightning_ldm.errors import NonFiniteLossError
+from lightning_ldm.errors import ConfigError, NonFiniteLossError
 
 
 class StepCountingModule(L.LightningModule):
-    def __init__(self, max_steps: int) -> None:
+    def __init__(self, max_steps: int, max_train_seconds: Optional[float] = None) -> None:
         super().__init__()
+        if max_train_seconds is not None and max_train_seconds <= 0:
+            raise ConfigError(f"max_train_seconds must be positive (or null), got {max_train_seconds}")
         self.max_steps = max_steps
+        self.max_train_seconds = max_train_seconds
         self.batch_step = 0  # training batches completed; saved in checkpoints
         self.save_final_checkpoint = True  # benchmarks turn it off
         self.nonfinite = NonFiniteGuard()
@@ -39,7 +42,7 @@ class StepCountingModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._batch_finished_uncounted = False
         self.batch_step += 1
-        if self.batch_step >= self.max_steps:
+        if self.batch_step >= self.max_steps or self._training_time_is_up():
             self.stop_if_nonfinite(everything=True)
             self.trainer.should_stop = True
             # The final state is resumable: rerunning with a larger max_steps continues from here.
@@ -47,6 +50,19 @@ class StepCountingModule(L.LightningModule):
                 self.trainer.save_checkpoint(Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt")
 
     # ----------------------------------------------------------------------------------------- training time
+    TIME_CHECK_EVERY = 10  # batches: reading the clock waits for the GPU
+
+    def _training_time_is_up(self) -> bool:
+        if self.max_train_seconds is None or self.batch_step % self.TIME_CHECK_EVERY:
+            return False
+        up = torch.tensor(float(self.training_seconds() >= self.max_train_seconds), device=self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(up, op=dist.ReduceOp.MAX)  # every rank stops at the same batch (saving is collective)
+        if bool(up) and self.trainer.is_global_zero:
+            print(f"Training time {self.training_seconds():.0f} s reached max_train_seconds={self.max_train_seconds:g} "
+                  f"at batch {self.batch_step}; stopping")
+        return bool(up)
+
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
