@@ -15,10 +15,9 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from lightning_ldm.errors import ConfigError, NonFiniteLossError
 from lightning_ldm.training.nonfinite import NonFiniteGuard
 from lightning_ldm.training.rng import get_rng_states, set_rng_states
-
-from lightning_ldm.errors import ConfigError, NonFiniteLossError
 
 
 class StepCountingModule(L.LightningModule):
