@@ -420,3 +420,16 @@ def test_a_diverging_run_stops_without_nan_weights(tmp_path):
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     weights = [v for k, v in checkpoint["state_dict"].items() if k.startswith(("unet.", "ema.model."))]
     assert all(torch.isfinite(w).all() for w in weights if w.is_floating_point())
+
+
+def test_decoding_in_chunks_gives_the_same_images(trained, monkeypatch):
+    """Samples are decoded DECODE_CHUNK at a time (memory); the images equal one whole-batch decode."""
+    import lightning_ldm.diffusion.module as module_file
+
+    module = trained.module
+    shape = (module.first_stage.latent_channels, module.latent_size, module.latent_size)
+    x_T = torch.randn(5, *shape, generator=torch.Generator().manual_seed(3))
+    whole, _ = module.generate(5, x_T=x_T, steps=2)
+    monkeypatch.setattr(module_file, "DECODE_CHUNK", 2)
+    chunked, _ = module.generate(5, x_T=x_T, steps=2)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)

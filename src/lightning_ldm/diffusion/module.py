@@ -27,6 +27,7 @@ from lightning_ldm.training.ema import EMA
 from lightning_ldm.training.images import log_image_grid
 
 Conditioning = Literal["none", "adm", "crossattn"]
+DECODE_CHUNK = 32  # images decoded at once after sampling
 
 
 class DiffusionModule(StepCountingModule):
@@ -296,7 +297,9 @@ class DiffusionModule(StepCountingModule):
                          steps=steps or settings["steps"], eta=settings["eta"] if eta is None else eta,
                          generator=generator, device=self.device, x_T=x_T, progress=progress)
         with torch.autocast(self.device.type, enabled=False):
-            images = self.first_stage.decode(z.float())
+            # In chunks: a float32 f4 decoder holds ~0.5 GB of activations per 256^2 image (62.6 GB at batch 128 on
+            # an H100), and a fixed chunk shape suits the compiled decoder; the result is the same.
+            images = torch.cat([self.first_stage.decode(chunk) for chunk in z.float().split(DECODE_CHUNK)])
         return images.float().clamp(-1, 1), spec
 
     # ----------------------------------------------------------------------------------------- checkpoints
