@@ -31,6 +31,6 @@ class Preemption(L.Callback):
         if not (self.requested or trainer.received_sigterm) or self.saved_to is not None:
             return
         self.saved_to = Path(trainer.default_root_dir) / self.checkpoint_name
-        trainer.save_checkpoint(self.saved_to)
+        trainer.save_checkpoint(self.saved_to, weights_only=False)
         rank_zero_only(print)(f"Pre-empted: checkpoint saved to {self.saved_to}; rerun the same command to resume.")
         trainer.should_stop = True  # SIGUSR1; for SIGTERM Lightning stops right after this hook

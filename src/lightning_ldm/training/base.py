@@ -46,7 +46,8 @@ class StepCountingModule(L.LightningModule):
             self.trainer.should_stop = True
             # The final state is resumable: rerunning with a larger max_steps continues from here.
             if self.save_final_checkpoint and self.trainer.default_root_dir and not self.trainer.fast_dev_run:
-                self.trainer.save_checkpoint(Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+                self.trainer.save_checkpoint(Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt",
+                                             weights_only=False)  # the full state (saying so silences a notice)
 
     # ----------------------------------------------------------------------------------------- training time
     TIME_CHECK_EVERY = 10  # batches: reading the clock waits for the GPU
@@ -157,7 +158,7 @@ class StepCountingModule(L.LightningModule):
         if run_dir is not None:
             path = Path(run_dir) / "checkpoints" / f"nonfinite-step{batch}.ckpt"
             self._batch_finished_uncounted = False
-            self.trainer.save_checkpoint(path)
+            self.trainer.save_checkpoint(path, weights_only=False)
         what = f"{name} loss is {loss}" if not math.isfinite(loss) else f"{name} gradients are not finite (loss {loss})"
         where = f"; the weights never took that update, state saved to {path}" if path else ""
         raise NonFiniteLossError(f"{what} at batch {batch}{where}. Lower the learning rate, enable gradient "
