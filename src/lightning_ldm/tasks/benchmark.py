@@ -64,31 +64,25 @@ def target_config(cfg: DictConfig) -> DictConfig:
 
 def random_first_stage(node: DictConfig, data: DictConfig):
     """The preset's first stage with random weights: an export is replaced by the architecture it must have."""
-    from lightning_ldm.autoencoder.model import PAPER_PRESETS, SMALL_PRESETS, Autoencoder
-    from lightning_ldm.latent.first_stage import FrozenFirstStage
+    from lightning_ldm.autoencoder.model import PAPER_PRESETS, SMALL_PRESETS
+    from lightning_ldm.latent.first_stage import rebuild_first_stage
 
     if not str(node.get("_target_", "")).endswith("load_first_stage"):
-        first_stage = instantiate(node)
-        if isinstance(first_stage, Autoencoder):
-            return FrozenFirstStage(first_stage, {"config": first_stage.config}, latent_channels=first_stage.latent_channels,
-                                    downsampling_factor=first_stage.downsampling_factor,
-                                    image_channels=first_stage.in_channels, regularizer=first_stage.regularizer,
-                                    scale_factor=1.0)
-        first_stage.scale_factor.fill_(1.0)
-        return first_stage
-    regularizer, f = node.get("regularizer"), node.get("downsampling_factor")
-    if regularizer is None or f is None:
-        raise ConfigError("benchmark: the first stage is an export of unknown shape; set autoencoder.regularizer and "
-                          "autoencoder.downsampling_factor (the paper presets do), or choose autoencoder=<preset>")
-    name = f"{regularizer}-f{f}"
-    config = PAPER_PRESETS.get(name) or SMALL_PRESETS.get(f"{name}-small")
-    if config is None:
-        raise ConfigError(f"benchmark: no autoencoder preset {name}; choose autoencoder=<preset>")
-    config = {**config, "in_channels": data.channels, "resolution": data.image_size}
-    model = Autoencoder(**config)
-    return FrozenFirstStage(model, {"config": config}, latent_channels=model.latent_channels, downsampling_factor=f,
-                            image_channels=model.in_channels, regularizer=regularizer, scale_factor=1.0,
-                            source=f"random {name}")
+        first_stage = instantiate(node)  # identity (pixel space)
+    else:
+        regularizer, f = node.get("regularizer"), node.get("downsampling_factor")
+        if regularizer is None or f is None:
+            raise ConfigError("benchmark: the first stage is an export of unknown shape; set autoencoder.regularizer "
+                              "and autoencoder.downsampling_factor (the paper presets do), or choose autoencoder=<preset>")
+        name = f"{regularizer}-f{f}"
+        config = PAPER_PRESETS.get(name) or SMALL_PRESETS.get(f"{name}-small")
+        if config is None:
+            raise ConfigError(f"benchmark: no autoencoder preset {name}; choose autoencoder=<preset>")
+        config = {**config, "in_channels": data.channels, "resolution": data.image_size}
+        first_stage = rebuild_first_stage({"config": config, "export": f"random {name}"},
+                                          sample_posterior=node.get("sample_posterior", True))
+    first_stage.scale_factor.fill_(1.0)  # no estimation pass: the scale does not change the cost
+    return first_stage
 
 
 def random_vgg16_file(folder: Path) -> Path:
