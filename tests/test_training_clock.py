@@ -1,0 +1,44 @@
+"""The training clock (validation excluded), the training-time budget's bad values, and the compile switch."""
+
+import time
+import types
+
+import lightning as L
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from lightning_ldm.training.acceleration import resolve_compile
+from test_autoencoder_module import TinyImages, make_module
+
+
+def test_validation_time_is_not_training_time(tmp_path):
+    module = make_module(max_steps=4, disc_start=100)
+    original = module.validation_step
+
+    def slow_validation(batch, batch_idx):
+        time.sleep(0.5)
+        return original(batch, batch_idx)
+
+    module.validation_step = slow_validation
+    start = time.perf_counter()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=TinyImages())
+    wall = time.perf_counter() - start
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # Two validations of >= 0.5 s each ran inside the fit; none of that is training time.
+    assert 0 < checkpoint["training_seconds"] < wall - 1.0
+
+
+def test_a_non_positive_time_budget_is_one_clear_error(tmp_path):
+    result = run_cli("stage=autoencoder", "logger=none", "max_train_seconds=0", cwd=tmp_path)
+    assert_one_line_error(result, "max_train_seconds must be positive")
+
+
+def test_compile_is_on_for_gpus_by_default_and_forced_either_way():
+    def trainer(device: str):
+        return types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device(device)))
+
+    assert resolve_compile(None, trainer("cuda")) and not resolve_compile(None, trainer("cpu"))
+    assert resolve_compile(True, trainer("cpu")) and not resolve_compile(False, trainer("cuda"))
