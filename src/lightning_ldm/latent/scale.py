@@ -21,13 +21,16 @@ def latent_moments(latents: Iterable[torch.Tensor]) -> torch.Tensor:
     return moments
 
 
-def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _all_reduce(values: torch.Tensor, device: torch.device, op) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # NCCL needs device tensors; gloo takes CPU ones. float64 keeps the sums exact enough.
-        backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        values = values.to(backend_device)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = values.to(device if dist.get_backend() == "nccl" else torch.device("cpu"))
+        dist.all_reduce(values, op=op)
     return values.cpu()
+
+
+def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return _all_reduce(values, device, dist.ReduceOp.SUM)
 
 
 def scale_from_moments(moments: torch.Tensor) -> float:
@@ -53,10 +56,6 @@ def estimate_scale_factor(batches: Iterable, encode: Callable[[dict], torch.Tens
 
 def ranks_agree(value: float, device: torch.device) -> tuple[float, float]:
     """(min, max) of ``value`` over all ranks: equal when every rank trains on the same latent scale."""
-    both = torch.tensor([value, -value], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        backend_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        both = both.to(backend_device)
-        dist.all_reduce(both, op=dist.ReduceOp.MIN)
-    low, negative_high = both.cpu().tolist()
+    both = _all_reduce(torch.tensor([value, -value], dtype=torch.float64), device, dist.ReduceOp.MIN)
+    low, negative_high = both.tolist()
     return low, -negative_high
