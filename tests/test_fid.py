@@ -126,6 +126,43 @@ def test_fd_against_the_training_images_is_zero_and_grows_with_noise(tmp_path, p
     assert fid.best == values[0] and fid.best_step == 1
 
 
+class ClockedStub(StubDiffusion):
+    """Its training clock reads 3 s per completed batch; every time decision must come through it."""
+
+    def training_seconds(self) -> float:
+        return 3.0 * self.batch_step
+
+
+def test_fd_every_n_train_seconds_follows_the_training_clock_and_resumes(tmp_path, pixels):
+    images = smooth_images(16, seed=6)
+    write_folder(tmp_path / "real", images)
+    # The clock is read every TIME_CHECK_EVERY (10) batches, before the batch is counted: at batch 10 it says
+    # 27 s, at 20 57 s, at 30 87 s, ... An evaluation is due when a new 50 s period has begun at a reading.
+    fid = FIDCallback(every_n_steps=0, every_n_train_seconds=50, num_samples=16, batch_size=8, feature_extractor=pixels,
+                      cache_dir=str(tmp_path / "cache"), at_fit_end=False)
+    fit(ClockedStub(to_signed(images), max_steps=60), folder_data(tmp_path / "real"), [fid], tmp_path)
+    assert [step for step, _ in fid.history] == [20, 40, 60]  # 57 s (period 1), 117 s (2), 177 s (3)
+    resumed = FIDCallback(every_n_steps=0, every_n_train_seconds=50, num_samples=16, batch_size=8,
+                          feature_extractor=pixels, cache_dir=str(tmp_path / "cache"), at_fit_end=False)
+    resumed.load_state_dict(fid.state_dict())
+    module = ClockedStub(to_signed(images), max_steps=80)
+    module.batch_step = 60  # as restored from the checkpoint
+    fit(module, folder_data(tmp_path / "real"), [resumed], tmp_path)
+    assert [step for step, _ in resumed.history] == [70]  # 207 s opens period 4; nothing measured twice
+    with pytest.raises(ConfigError, match="every_n_train_seconds=0 must be positive"):
+        FIDCallback(every_n_train_seconds=0, feature_extractor=pixels)
+
+
+def test_a_time_based_fd_cannot_drive_a_checkpoint_that_counts_batches(tmp_path, pixels):
+    write_folder(tmp_path / "real", smooth_images(8, seed=5))
+    fid = FIDCallback(every_n_steps=0, every_n_train_seconds=5, num_samples=8, feature_extractor=pixels,
+                      cache_dir=str(tmp_path / "c"))
+    watch = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", monitor=fid.metric_key, every_n_train_steps=1)
+    with pytest.raises(ConfigError, match="callbacks.best_fid=null"):
+        fit(ClockedStub(to_signed(smooth_images(8)), max_steps=1), folder_data(tmp_path / "real"), [fid, watch],
+            tmp_path, enable_checkpointing=True)
+
+
 def test_best_fid_checkpoint_keeps_the_weights_of_the_best_measurement(tmp_path, pixels):
     images = smooth_images(32, seed=4)
     write_folder(tmp_path / "real", images)

@@ -1,6 +1,8 @@
 """FID during training (stage 2) and rFID of reconstructions (stage 1), as Lightning callbacks.
 
-``FIDCallback``: every ``every_n_steps`` training batches (the module's own ``batch_step``) and at the end of fit,
+``FIDCallback``: every ``every_n_steps`` training batches (the module's own ``batch_step``), or every
+``every_n_train_seconds`` of training time (the module's clock, evaluation excluded: the axis for comparing runs
+of different speeds at equal compute), and at the end of fit,
 ``num_samples`` images from fixed seeds with the EMA weights and the configured sampler, against cached
 statistics of the training images (``reference_split: train``, FID's usual convention) or of the held-out
 validation images (``reference_split: val``: what a domain extractor trained on the training split needs for an
@@ -70,6 +72,7 @@ class FIDCallback(L.Callback):
         self,
         *,
         every_n_steps: int = 5000,
+        every_n_train_seconds: Optional[float] = None,
         num_samples: int = 10000,
         batch_size: int = 250,
         sampler: Optional[SamplerName] = None,
@@ -91,12 +94,16 @@ class FIDCallback(L.Callback):
         if every_n_steps < 0 or num_samples < 2 or batch_size < 1:
             raise ConfigError(f"callbacks.fid: every_n_steps={every_n_steps} must be >= 0 (0: only at the end), "
                               f"num_samples={num_samples} >= 2 and batch_size={batch_size} >= 1")
+        if every_n_train_seconds is not None and not every_n_train_seconds > 0:
+            raise ConfigError(f"callbacks.fid.every_n_train_seconds={every_n_train_seconds} must be positive (or null)")
         if reference_split not in ("train", "val"):
             raise ConfigError(f"callbacks.fid.reference_split={reference_split!r}: use train or val")
         unknown = set(extra_metrics) - {"kid", "is", "prc"}
         if unknown:
             raise ConfigError(f"callbacks.fid.extra_metrics: unknown {sorted(unknown)}; use kid, is, prc")
         self.every_n_steps, self.num_samples, self.batch_size = every_n_steps, num_samples, batch_size
+        self.every_n_train_seconds = every_n_train_seconds
+        self.last_period = 0  # training-time periods (of every_n_train_seconds) already measured
         self.settings = SamplingSettings(sampler, steps, eta, guidance_scale, use_ema, list(classes) if classes else None)
         self.seed = seed
         self.spec = as_spec(feature_extractor)
@@ -120,7 +127,7 @@ class FIDCallback(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "last_step": self.last_step,
-                "reference_split": self.reference_split}
+                "last_period": self.last_period, "reference_split": self.reference_split}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         measured = state_dict.get("reference_split", "train")  # checkpoints from before the option: train
@@ -130,6 +137,7 @@ class FIDCallback(L.Callback):
                               f"would mix the two; resume with reference_split={measured} or start a new run_name")
         self.best, self.best_step = float(state_dict["best"]), int(state_dict["best_step"])
         self.last_step = int(state_dict["last_step"])
+        self.last_period = int(state_dict.get("last_period", 0))
 
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -156,6 +164,9 @@ class FIDCallback(L.Callback):
                                   f"as {self.metric_key} (extractor and sample count): set its monitor to that")
             if monitor != self.metric_key:
                 continue
+            if self.every_n_train_seconds is not None:
+                raise ConfigError(f"the ModelCheckpoint of {monitor} saves at batch counts, but FID is measured every "
+                                  f"{self.every_n_train_seconds:g} s of training time: set callbacks.best_fid=null")
             every = getattr(checkpoint, "_every_n_train_steps", 0)
             if every != self.every_n_steps:
                 raise ConfigError(f"the ModelCheckpoint of {monitor} has every_n_train_steps={every}, but FID is "
@@ -173,6 +184,7 @@ class FIDCallback(L.Callback):
             keep_features=bool({"kid", "prc"} & set(self.extra_metrics)))
         if trainer.is_global_zero:
             when = [f"every {self.every_n_steps} batches"] if self.every_n_steps else []
+            when += [f"every {self.every_n_train_seconds:g} s of training time"] if self.every_n_train_seconds else []
             when += ["at the end of fit"] if self.at_fit_end else []
             print(f"FID: {self.metric_key} {' and '.join(when) or 'never (every_n_steps=0, at_fit_end=false)'}; "
                   f"seeds {self.seed}..{self.seed + self.num_samples - 1}, "
@@ -183,7 +195,12 @@ class FIDCallback(L.Callback):
                            batch_idx: int) -> None:
         # Callbacks run before the module's own hook, which counts this batch: it is batch number batch_step + 1.
         completed = pl_module.batch_step + 1
-        due = self.every_n_steps and completed % self.every_n_steps == 0
+        due = bool(self.every_n_steps and completed % self.every_n_steps == 0)
+        if self.every_n_train_seconds and completed % pl_module.TIME_CHECK_EVERY == 0:
+            # Read every few batches (reading the clock waits for the GPU), agreed across ranks (a collective).
+            period = int(pl_module.agreed_training_seconds() // self.every_n_train_seconds)
+            if period > self.last_period:
+                self.last_period, due = period, True
         last = self.at_fit_end and completed >= pl_module.max_steps
         if due or last:
             self.evaluate(trainer, pl_module, completed)

@@ -55,13 +55,19 @@ class StepCountingModule(L.LightningModule):
     def _training_time_is_up(self) -> bool:
         if self.max_train_seconds is None or self.batch_step % self.TIME_CHECK_EVERY:
             return False
-        up = torch.tensor(float(self.training_seconds() >= self.max_train_seconds), device=self.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(up, op=dist.ReduceOp.MAX)  # every rank stops at the same batch (saving is collective)
-        if bool(up) and self.trainer.is_global_zero:
-            print(f"Training time {self.training_seconds():.0f} s reached max_train_seconds={self.max_train_seconds:g} "
+        seconds = self.agreed_training_seconds()  # every rank stops at the same batch (saving is collective)
+        if seconds >= self.max_train_seconds and self.trainer.is_global_zero:
+            print(f"Training time {seconds:.0f} s reached max_train_seconds={self.max_train_seconds:g} "
                   f"at batch {self.batch_step}; stopping")
-        return bool(up)
+        return seconds >= self.max_train_seconds
+
+    def agreed_training_seconds(self) -> float:
+        """``training_seconds`` of the slowest rank, the same number on every rank (a collective under DDP): what
+        decisions taken on the clock use, so that no rank enters a collective the others skip."""
+        seconds = torch.tensor(self.training_seconds(), dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        return float(seconds)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
