@@ -40,3 +40,31 @@ def test_stage2_trains_on_two_processes_with_one_scale_factor(ddp_runs):
     assert checkpoint["batch_step"] == 4 and len(checkpoint["rng_states"]) == 2
     assert torch.isfinite(torch.stack([v.float().sum() for k, v in checkpoint["state_dict"].items()
                                        if k.startswith("ema.model.")])).all()
+
+
+def test_ddp_wraps_the_model_on_the_current_stream(monkeypatch):
+    """Lightning 2.6 wraps in a side stream, which makes every backward warn and synchronise on GPUs."""
+    import lightning_ldm.training.ddp as ddp
+
+    def no_side_stream(*args, **kwargs):
+        raise AssertionError("DDP must be built on the current stream")
+
+    built = {}
+    monkeypatch.setattr(torch.cuda, "Stream", no_side_stream)
+    monkeypatch.setattr(torch.cuda, "stream", no_side_stream)
+    monkeypatch.setattr(ddp, "DistributedDataParallel", lambda module, device_ids, **kw: built.update(
+        module=module, device_ids=device_ids, **kw) or "wrapped")
+    strategy = ddp.DDPOnCurrentStreamStrategy(gradient_as_bucket_view=True)
+    monkeypatch.setattr(strategy, "determine_ddp_device_ids", lambda: [0])
+    model = torch.nn.Linear(2, 2)
+    assert strategy._setup_model(model) == "wrapped"
+    assert built == {"module": model, "device_ids": [0], "gradient_as_bucket_view": True}
+
+
+def test_the_ddp_preset_uses_that_strategy(compose):
+    from hydra.utils import instantiate
+
+    from lightning_ldm.training.ddp import DDPOnCurrentStreamStrategy
+    for trainer in ("ddp", "slurm"):
+        cfg = compose("stage=diffusion", f"trainer={trainer}")
+        assert isinstance(instantiate(cfg.trainer.strategy), DDPOnCurrentStreamStrategy), trainer

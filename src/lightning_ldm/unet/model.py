@@ -25,7 +25,9 @@ Conditioning = Literal["none", "adm", "crossattn"]
 class Stage(nn.ModuleList):
     """Layers run in order: ResBlocks get the embedding, SpatialTransformers the context."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Optional[Tensor], skip: Optional[Tensor] = None) -> Tensor:
+        if skip is not None:  # the decoder's skip connection, concatenated here so a compiled stage fuses it
+            x = torch.cat([x, skip], dim=1)
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -162,14 +164,30 @@ class UNet(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for stage in self.output_blocks:
-            h = self._run(stage, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = self._run(stage, h, emb, context, skips.pop())
         return self.out(h).to(x.dtype)  # autocast leaves bf16 here; the loss wants the input's precision
 
-    def _run(self, stage: Stage, h: Tensor, emb: Tensor, context: Optional[Tensor]) -> Tensor:
+    def _run(self, stage: Stage, h: Tensor, emb: Tensor, context: Optional[Tensor],
+             skip: Optional[Tensor] = None) -> Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():
             # Non-reentrant checkpointing replays under the same autocast state, so bf16 stays bf16.
-            return checkpoint(stage, h, emb, context, use_reentrant=False)
-        return stage(h, emb, context)
+            return checkpoint(stage, h, emb, context, skip, use_reentrant=False)
+        return stage(h, emb, context, skip)
+
+    def compile_regions(self, **compile_options: Any) -> None:
+        """torch.compile each stage on its own instead of the whole network (training under DDP).
+
+        Why: a network compiled as one graph has one backward node, so every gradient becomes ready at its very
+        end and DDP can only all-reduce after the backward pass. Per stage, a stage's gradients are ready as soon
+        as its backward has run, and DDP reduces them while the stages below are still differentiating.
+        Stages of one shape share compiled code; ``dynamic=False`` keeps each shape's kernels static instead of
+        letting the second shape seen turn on dynamic shapes for all."""
+        stages = [*self.input_blocks, self.middle_block, *self.output_blocks]
+        # Every stage is a Stage.forward frame: one cache entry per distinct (structure, shape), more than the
+        # default limit of 8 for a deep UNet.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(stages))
+        for stage in stages:
+            stage.compile(**{"dynamic": False, **compile_options})
 
     def _check_inputs(
         self, x: Tensor, y: Optional[Tensor], context: Optional[Tensor], concat: Optional[Tensor]
