@@ -5,8 +5,8 @@
 #   PART=ae   bash experiments/benchmarks/run_perf.sh   # kl-f4 vs diffusers AutoencoderKL; stage=benchmark kl-f4
 set -uo pipefail
 part=${PART:-unet}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl .unetbench/whl/*.whl 2>&1 | grep -v "^WARNING: Target"
+[ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site .whl/*.whl .unetbench/whl/*.whl 2>&1 | grep -v "^WARNING: Target"
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

@@ -7,17 +7,20 @@
 #   bash experiments/cifar10_f_sweep/run.sh call3     # stage 1 KL f=2 (+ evaluate), stage 2 on its latents
 # or phases by name: classifier pixel peer ae-f4 eval-ae-f4 ldm-f4 ae-f2 eval-ae-f2 ldm-f2
 # README.md beside this file has the plan, the time estimates and the exact device calls.
-# Settings (environment): TRAIN_SECONDS (120: each stage-2 run's training-time budget, and the peer's),
-# FD_EVERY (500 batches), FD_SAMPLES (5000), AE_MAX_TIME (00:00:03:30: wall-clock cap of each stage-1 run),
+# Settings (environment): TRAIN_SECONDS (360: each stage-2 run's training-time budget, and the peer's),
+# FD_EVERY_SECONDS (TRAIN_SECONDS / 6: FD every this much training time), FD_SAMPLES (5000), AE_MAX_TIME
+# (00:00:03:30: wall-clock cap of each stage-1 run), SKIP_INSTALL=1 (the wheels are already on PYTHONPATH),
 # SMOKE=1 (a CPU check of every command line: tiny sizes, seconds per phase; results are meaningless).
+# Phases may run at once on different GPUs of one machine (experiments/parallel.sh): they share WORK, and a phase
+# that needs the classifier waits up to 3 min for the classifier phase to write it.
 set -uo pipefail   # no -e: a failed phase is reported and the next one still runs
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 SMOKE=${SMOKE:-0}
-if [ "$SMOKE" = 1 ]; then d_seconds=20 d_every=10 d_samples=24; else d_seconds=120 d_every=500 d_samples=5000; fi
+if [ "$SMOKE" = 1 ]; then d_seconds=20 d_samples=24; else d_seconds=360 d_samples=5000; fi
 TRAIN_SECONDS=${TRAIN_SECONDS:-$d_seconds}
-FD_EVERY=${FD_EVERY:-$d_every}
+FD_EVERY_SECONDS=${FD_EVERY_SECONDS:-$(python3 -c "print($TRAIN_SECONDS / 6)")}
 FD_SAMPLES=${FD_SAMPLES:-$d_samples}
 AE_MAX_TIME=${AE_MAX_TIME:-00:00:03:30}
 ZIP=${CIFAR10_ZIP:-.data/cifar10-train.zip}
@@ -36,12 +39,12 @@ mkdir -p "$WORK/results"
 
 wheels=(); for w in .whl/*.whl .fsweep/whl/*.whl; do [ -f "$w" ] && wheels+=("$w"); done
 [[ " ${phases[*]} " == *" peer "* ]] && for w in .unetbench/whl/*.whl; do [ -f "$w" ] && wheels+=("$w"); done
-[ "$SMOKE" != 1 ] && [ ${#wheels[@]} -gt 0 ] && python3 -m pip install -q --no-index --no-deps --no-compile \
+[ "$SMOKE" != 1 ] && [ "${SKIP_INSTALL:-0}" != 1 ] && [ ${#wheels[@]} -gt 0 ] && python3 -m pip install -q --no-index --no-deps --no-compile \
   --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
-echo "phases: ${phases[*]}; TRAIN_SECONDS=$TRAIN_SECONDS FD_EVERY=$FD_EVERY FD_SAMPLES=$FD_SAMPLES AE_MAX_TIME=$AE_MAX_TIME"
+echo "phases: ${phases[*]}; TRAIN_SECONDS=$TRAIN_SECONDS FD_EVERY_SECONDS=$FD_EVERY_SECONDS FD_SAMPLES=$FD_SAMPLES AE_MAX_TIME=$AE_MAX_TIME"
 
 # SMOKE=1 only: what shrinks each command to seconds on a CPU.
 smoke_all=(); smoke_ae=(); smoke_ldm=(); smoke_eval=(); smoke_script=()
@@ -55,8 +58,13 @@ if [ "$SMOKE" = 1 ]; then
 fi
 
 clock() { printf '00:00:%02d:%02d' $(($1 / 60)) $(($1 % 60)); }   # seconds -> Lightning's DD:HH:MM:SS
-extractor() {   # the classifier bundle: trained on this machine (warm) or carried in .fsweep/ from call 1
-  for f in "$WORK/extractor/$NAME.pt" "$PWD/.fsweep/$NAME.pt"; do [ -f "$f" ] && { echo "$f"; return 0; }; done
+extractor() {   # the classifier bundle: trained on this machine (warm, or by a phase running beside this one)
+  local f _   # or carried in .fsweep/ from an earlier call
+  for _ in $(seq 90); do
+    for f in "$WORK/extractor/$NAME.pt" "$PWD/.fsweep/$NAME.pt"; do [ -f "$f" ] && { echo "$f"; return 0; }; done
+    [ -f "$WORK/extractor/.training" ] || return 1
+    sleep 2
+  done
   return 1
 }
 pack() {   # every small result so far (never checkpoints, exports, bundles, caches) -> $OUT/<tag>.tgz, atomically
@@ -69,13 +77,14 @@ pack() {   # every small result so far (never checkpoints, exports, bundles, cac
 packer=$!
 common=(logger=csv "paths.output_root=$WORK" "data.root=$ZIP" data.num_workers=8 ++data.verify=false
         callbacks.progress=null +trainer.enable_progress_bar=false)
-stage2() {   # stage 2 for TRAIN_SECONDS of training time, FD against the held-out split every FD_EVERY batches
+stage2() {   # stage 2 for TRAIN_SECONDS of training time, FD against the held-out split every FD_EVERY_SECONDS
   local bundle
   bundle=$(extractor) || { echo "SKIPPED: no $NAME.pt (run the classifier phase, or carry .fsweep)"; return 1; }
   timeout --signal=TERM $((TRAIN_SECONDS + 300)) python3 -m lightning_ldm "$@" "${common[@]}" max_steps=100000000 \
     "max_train_seconds=$TRAIN_SECONDS" \
     "+trainer.max_time=$(clock $((TRAIN_SECONDS + 240)))" \
-    callbacks=fid "callbacks.fid.every_n_steps=$FD_EVERY" "callbacks.fid.num_samples=$FD_SAMPLES" \
+    callbacks=fid callbacks.fid.every_n_steps=0 "callbacks.fid.every_n_train_seconds=$FD_EVERY_SECONDS" \
+    "callbacks.fid.num_samples=$FD_SAMPLES" \
     callbacks.fid.batch_size=1000 callbacks.fid.reference_split=val callbacks.best_fid=null \
     callbacks.fid.feature_extractor.kind=checkpoint "callbacks.fid.feature_extractor.name=$NAME" \
     "callbacks.fid.feature_extractor.path=$bundle" callbacks.fid.feature_extractor.feature_layer=pool \
@@ -87,9 +96,11 @@ for phase in "${phases[@]}"; do
   echo "=== $phase ($(date -u +%H:%M:%S) UTC)"
   case "$phase" in
     classifier)
+      mkdir -p "$WORK/extractor" && touch "$WORK/extractor/.training"   # phases beside this one wait for it
       timeout 240 python3 experiments/feature_extractors/train_classifier.py --data cifar10 --root "$ZIP" \
         --out "$WORK/extractor" --workers 16 "${smoke_script[@]}" \
-        && cp "$WORK/extractor/$NAME.pt" "$OUT/$NAME.pt" ;;   # 12.6 MiB: returned, to carry into later calls
+        && cp "$WORK/extractor/$NAME.pt" "$OUT/$NAME.pt"   # 12.6 MiB: returned, to carry into later calls
+      rm -f "$WORK/extractor/.training" ;;
     pixel) stage2 experiment=cifar10-pixel run_name=pixel ;;
     ldm-f2|ldm-f4)
       f=${phase#ldm-}
@@ -113,7 +124,7 @@ for phase in "${phases[@]}"; do
       else echo "SKIPPED: no $NAME.pt"; false; fi ;;
     peer)
       if bundle=$(extractor); then
-        marks=$(python3 -c "t = $TRAIN_SECONDS / 60; print(','.join(f'{t * k / 5:.3g}' for k in range(1, 6)))")
+        marks=$(python3 -c "t, e = $TRAIN_SECONDS, $FD_EVERY_SECONDS; print(','.join(f'{e * k / 60:.4g}' for k in range(1, int(t // e + 1e-9) + 1)))")
         timeout --signal=TERM $((TRAIN_SECONDS + 300)) python3 experiments/peer_ddpm/train_diffusers_ddpm.py \
           --out "$WORK/peer_ddpm" --data "$ZIP" --extractor-path "$bundle" --extractor-name "$NAME" \
           --feature-layer pool --train-minutes "$(python3 -c "print($TRAIN_SECONDS / 60)")" \

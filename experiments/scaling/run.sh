@@ -3,9 +3,10 @@
 #   bash experiments/scaling/run.sh
 # 1. Same global batch on 1 and 2 GPUs, both stages, CIFAR-10 (GPU 0 | GPUs 1,2 in parallel): loss curves and the
 #    scale factor across ranks.  2. Weak scaling of the celebahq-ldm-vq-4 UNet (64x64x3 inputs, batch 48 per GPU)
-#    on 1, 2, 4 (, 8) GPUs, nothing else running. Metrics come back as flat CSVs in $OUT/csv.tgz.
+#    on 1, 2, 4 (, 8) GPUs. Metrics come back as flat CSVs in $OUT/csv.tgz. PHASES="correctness" or "weak" for one.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+[ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}
@@ -47,22 +48,34 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/correctness/}" ]; then
 fi
 
 if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
-  common=(logger=csv "paths.output_root=$root/outputs" data=synthetic data.num_images=1000 data.num_workers=8
+  common=(logger=csv "paths.output_root=$root/outputs" data=synthetic data.num_images=8000 data.num_workers=6
           trainer.num_sanity_val_steps=0 trainer.val_check_interval=100000 trainer.limit_val_batches=0
           callbacks.throughput.every_n_batches=20)
   ldm4=(stage=diffusion unet=ldm-4 autoencoder=identity data.image_size=64 data.batch_size=48 module.lr=9.6e-5
         module.warmup_steps=0 module.ema_decay=0.9999 schedule.beta_start=0.0015 schedule.beta_end=0.0195
-        module.num_log_images=0 max_steps=80 "${common[@]}")
-  for n in 1 2 4 8; do
-    [ "$n" -le "$gpus" ] || continue
-    if [ "$n" = 1 ]; then trainer=(trainer=gpu); else trainer=(trainer=ddp trainer.devices=$n); fi
-    start=$(date +%s)
-    python3 -m lightning_ldm "${ldm4[@]}" "${trainer[@]}" run_name=ldm4-${n}gpu 2>&1 | quiet > "$OUT/csv/ldm4-${n}gpu.log"
-    keep diffusion ldm4-${n}gpu
-    echo "ldm4 on $n GPU(s): $(( $(date +%s) - start )) s"
-    python3 experiments/scaling/summarize.py "$root/outputs" > "$OUT/weak_scaling.md"
-    tar -C "$OUT" -czf "$OUT/csv.tgz" csv
-  done
-  cat "$OUT/weak_scaling.md"
+        module.num_log_images=0 max_steps=${WEAK_STEPS:-100} "${common[@]}")
+  weak() {  # weak <run name> <GPU list> <trainer overrides...>
+    local name=$1 gpus=$2 start; shift 2; start=$(date +%s)
+    CUDA_VISIBLE_DEVICES=$gpus python3 -m lightning_ldm "${ldm4[@]}" "$@" run_name=$name 2>&1 | quiet > "$OUT/csv/$name.log"
+    keep diffusion "$name"
+    echo "$name on GPU(s) $gpus: $(( $(date +%s) - start )) s"
+  }
+  # 1 GPU twice: trainer=gpu (the UNet compiled whole) and trainer=ddp with one device (compiled stage by stage,
+  # as under DDP; UNet.compile_regions). With 4 GPUs, both and the 2-GPU run go at once on separate GPUs (each
+  # job has its own GPUs and NVLink pairs; the host has 16 cores per GPU), then 4 GPUs alone.
+  if [ "$gpus" -ge 4 ]; then
+    weak ldm4-1gpu 0 trainer=gpu &
+    weak ldm4ddp-1gpu 1 trainer=ddp trainer.devices=1 &
+    weak ldm4ddp-2gpu 2,3 trainer=ddp trainer.devices=2 &
+    wait
+    weak ldm4ddp-4gpu 0,1,2,3 trainer=ddp trainer.devices=4
+    [ "$gpus" -ge 8 ] && weak ldm4ddp-8gpu 0,1,2,3,4,5,6,7 trainer=ddp trainer.devices=8
+  else
+    weak ldm4-1gpu 0 trainer=gpu
+    weak ldm4ddp-1gpu 0 trainer=ddp trainer.devices=1
+    [ "$gpus" -ge 2 ] && weak ldm4ddp-2gpu 0,1 trainer=ddp trainer.devices=2
+  fi
+  python3 experiments/scaling/summarize.py "$root/outputs" | tee "$OUT/weak_scaling.md"
+  tar -C "$OUT" -czf "$OUT/csv.tgz" csv
 fi
 ls -la "$OUT"
