@@ -44,6 +44,7 @@ def test_stage2_writes_checkpoint_export_grids_and_metrics(pipeline):
     run = cwd / "outputs" / "diffusion" / "ldm"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["batch_step"] == 6 and checkpoint["lightning_ldm"]["kind"] == "diffusion"
+    assert not list((run / "checkpoints").glob("*-v*.ckpt"))  # one last.ckpt, whoever saved it last
     assert any(k.startswith("first_stage.autoencoder.") for k in checkpoint["state_dict"])
     assert (run / "export" / "ldm-ema.safetensors").is_file()
     assert sorted(p.name for p in (run / "images").glob("val_samples_*.png"))

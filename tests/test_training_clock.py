@@ -42,3 +42,19 @@ def test_compile_is_on_for_gpus_by_default_and_forced_either_way():
 
     assert resolve_compile(None, trainer("cuda")) and not resolve_compile(None, trainer("cpu"))
     assert resolve_compile(True, trainer("cpu")) and not resolve_compile(False, trainer("cuda"))
+
+
+def test_a_stop_before_any_validation_leaves_one_last_checkpoint(tmp_path, compose):
+    """The module saves last.ckpt when it stops; the configured ModelCheckpoint then saves its own last.ckpt at
+    the end-of-fit validation: it must overwrite that file, not add a last-v1.ckpt beside it."""
+    from hydra.utils import instantiate
+
+    cfg = compose("stage=autoencoder")
+    checkpoint = instantiate(cfg.callbacks.checkpoint, dirpath=str(tmp_path / "r" / "checkpoints"))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, callbacks=[checkpoint],
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "r"),
+                        limit_val_batches=1, val_check_interval=100, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0)
+    trainer.fit(make_module(max_steps=3, disc_start=100), datamodule=TinyImages())
+    saved = sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in saved and not [name for name in saved if "-v" in name], saved
