@@ -127,7 +127,7 @@ class AutoencoderModule(StepCountingModule):
             logs.update(d_logs)
 
         shown = logs.pop("rec_loss")
-        self.log("train/rec_loss", shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log("train/rec_loss", shown, on_step=True, on_epoch=False, batch_size=x.shape[0])
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
                       batch_size=x.shape[0])
         self.log_learning_rates({"g": opt_g.optimizer, "d": opt_d.optimizer})

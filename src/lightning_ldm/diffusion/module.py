@@ -236,7 +236,7 @@ class DiffusionModule(StepCountingModule):
         z0, labels = self.latents_and_labels(batch)
         loss = self.diffusion_loss(self.unet, z0, labels)
         self._loss_to_guard = loss
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=z0.shape[0])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=z0.shape[0])
         if self.batch_step % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
             self.log("train/ema_decay", self.ema.current_decay(), on_step=True, on_epoch=False)
