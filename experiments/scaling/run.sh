@@ -16,7 +16,7 @@ gpus=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 nvidia-smi topo -m > "$OUT/csv/topology.txt" 2>&1
-quiet() { grep -v "it/s\]$\|it/s, \|s/it\]\|UserWarning: The AccumulateGrad\|^\s*$" || true; }
+quiet() { grep --line-buffered -v "it/s\]$\|it/s, \|s/it\]\|^\s*$" || true; }   # line-buffered: a cut run still logs
 keep() {  # keep(<stage> <run>): the run's metrics and log, flat
   cp "$root/outputs/$1/$2/csv/metrics.csv" "$OUT/csv/$2.csv" 2>/dev/null || echo "no metrics for $2"
 }
@@ -56,7 +56,8 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
         module.num_log_images=0 max_steps=${WEAK_STEPS:-100} "${common[@]}")
   weak() {  # weak <run name> <GPU list> <trainer overrides...>
     local name=$1 gpus=$2 start; shift 2; start=$(date +%s)
-    CUDA_VISIBLE_DEVICES=$gpus python3 -m lightning_ldm "${ldm4[@]}" "$@" run_name=$name 2>&1 | quiet > "$OUT/csv/$name.log"
+    CUDA_VISIBLE_DEVICES=$gpus timeout "${WEAK_TIMEOUT:-420}" python3 -m lightning_ldm "${ldm4[@]}" "$@" run_name=$name 2>&1 \
+      | quiet > "$OUT/csv/$name.log"
     keep diffusion "$name"
     echo "$name on GPU(s) $gpus: $(( $(date +%s) - start )) s"
   }
