@@ -304,6 +304,6 @@ def test_slurm_trainer_composes_and_builds_a_requeueing_slurm_environment(full_c
         monkeypatch.setenv(key, value)
     trainer = build_trainer(job, tmp_path / "run")  # the task's own: the yaml's plugins + atomic checkpoints
     environment = trainer.strategy.cluster_environment
-    assert isinstance(environment, SLURMEnvironment) and type(trainer.strategy).__name__ == "DDPStrategy"
+    assert isinstance(environment, SLURMEnvironment) and type(trainer.strategy).__name__ == "DDPOnCurrentStreamStrategy"
     assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR2
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
