@@ -8,9 +8,9 @@ synchronises the two streams for every parameter. Wrapping on the current stream
 removes both (the fix Lightning merged upstream later, pytorch-lightning#21746).
 """
 
+from lightning.pytorch.strategies import DDPStrategy
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
-from lightning.pytorch.strategies import DDPStrategy
 
 
 class DDPOnCurrentStreamStrategy(DDPStrategy):

@@ -184,8 +184,8 @@ class UNet(nn.Module):
         letting the second shape seen turn on dynamic shapes for all."""
         stages = [*self.input_blocks, self.middle_block, *self.output_blocks]
         # Every stage is a Stage.forward frame: one cache entry per distinct (structure, shape) and mode (training,
-        # validation without gradients): 21 + 3 for the 24 stages of LDM-4, far over the default limit of 8,
-        # beyond which dynamo would silently run the remaining stages eagerly.
+        # validation without gradients): 21 in training alone for the 24 stages of LDM-4, far over the default
+        # limit of 8, beyond which dynamo would silently run the remaining stages eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(stages))
         for stage in stages:
             stage.compile(**{"dynamic": False, **compile_options})
