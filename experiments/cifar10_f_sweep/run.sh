@@ -9,7 +9,8 @@
 # README.md beside this file has the plan, the time estimates and the exact device calls.
 # Settings (environment): TRAIN_SECONDS (360: each stage-2 run's training-time budget, and the peer's),
 # FD_EVERY_SECONDS (TRAIN_SECONDS / 6: FD every this much training time), FD_SAMPLES (5000), AE_MAX_TIME
-# (00:00:03:30: wall-clock cap of each stage-1 run), SKIP_INSTALL=1 (the wheels are already on PYTHONPATH),
+# (00:00:03:30: wall-clock cap of each stage-1 run), STAGE2_OVERRIDES (extra Hydra overrides for every stage-2
+# run, space-separated, e.g. "data.batch_size=512 module.lr=8e-4"), SKIP_INSTALL=1 (wheels already installed),
 # SMOKE=1 (a CPU check of every command line: tiny sizes, seconds per phase; results are meaningless).
 # Phases may run at once on different GPUs of one machine (experiments/parallel.sh): they share WORK, and a phase
 # that needs the classifier waits up to 3 min for the classifier phase to write it.
@@ -88,7 +89,7 @@ stage2() {   # stage 2 for TRAIN_SECONDS of training time, FD against the held-o
     callbacks.fid.batch_size=1000 callbacks.fid.reference_split=val callbacks.best_fid=null \
     callbacks.fid.feature_extractor.kind=checkpoint "callbacks.fid.feature_extractor.name=$NAME" \
     "callbacks.fid.feature_extractor.path=$bundle" callbacks.fid.feature_extractor.feature_layer=pool \
-    "${smoke_all[@]}" "${smoke_ldm[@]}"
+    "${smoke_all[@]}" "${smoke_ldm[@]}" ${STAGE2_OVERRIDES:-}
 }
 
 for phase in "${phases[@]}"; do
