@@ -313,3 +313,12 @@ def test_overfit_preset_trains_on_its_few_batches(compose):
     checkpoint = torch.load(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
                             weights_only=False)
     assert checkpoint["batch_step"] == 6 and checkpoint["epoch"] == 1  # 4 batches an epoch
+
+
+def test_trace_preset_writes_a_chrome_trace_of_training_steps(compose, tmp_path):
+    cfg = compose("debug=trace", "logger=none", "trainer=cpu", "data.batch_size=2", "module.num_log_images=2")
+    validate_config(cfg)
+    fit(cfg)
+    traces = list(Path(cfg.paths.run_dir).glob("*.pt.trace.json"))
+    assert traces and "ProfilerStep" in traces[0].read_text()  # the active steps were recorded
+    assert "aten::" in (Path(cfg.paths.run_dir) / "fit-trace.txt").read_text()
