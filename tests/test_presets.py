@@ -36,7 +36,7 @@ def test_the_preset_lists_are_complete():
     assert set(FIRST_STAGE_OF) <= set(EXPERIMENTS)
     assert {v for v in FIRST_STAGE_OF.values() if v} <= set(STAGE1)
     assert {"cifar10-autoencoder-kl-f2", "cifar10-autoencoder-kl-f4", "digits-autoencoder"} <= set(STAGE1)
-    assert DEBUG_PRESETS == ["fast_dev_run", "limit", "overfit", "profiler"]
+    assert DEBUG_PRESETS == ["fast_dev_run", "limit", "overfit", "profiler", "trace"]
 
 
 ROOT_REQUIRED = set(PAPER_STAGE1 + PAPER_STAGE2)  # data.root: ??? (the others name their data)
