@@ -10,6 +10,8 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from lightning_ldm.metrics.distributed import all_reduce
+
 
 def latent_moments(latents: Iterable[torch.Tensor]) -> torch.Tensor:
     """(count, sum, sum of squares) in float64 over every element of every tensor."""
@@ -21,16 +23,8 @@ def latent_moments(latents: Iterable[torch.Tensor]) -> torch.Tensor:
     return moments
 
 
-def _all_reduce(values: torch.Tensor, device: torch.device, op) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # NCCL needs device tensors; gloo takes CPU ones. float64 keeps the sums exact enough.
-        values = values.to(device if dist.get_backend() == "nccl" else torch.device("cpu"))
-        dist.all_reduce(values, op=op)
-    return values.cpu()
-
-
 def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return _all_reduce(values, device, dist.ReduceOp.SUM)
+    return all_reduce(values, dist.ReduceOp.SUM, device)  # float64 keeps the sums exact enough
 
 
 def scale_from_moments(moments: torch.Tensor) -> float:
@@ -56,6 +50,6 @@ def estimate_scale_factor(batches: Iterable, encode: Callable[[dict], torch.Tens
 
 def ranks_agree(value: float, device: torch.device) -> tuple[float, float]:
     """(min, max) of ``value`` over all ranks: equal when every rank trains on the same latent scale."""
-    both = _all_reduce(torch.tensor([value, -value], dtype=torch.float64), device, dist.ReduceOp.MIN)
+    both = all_reduce(torch.tensor([value, -value], dtype=torch.float64), dist.ReduceOp.MIN, device)
     low, negative_high = both.tolist()
     return low, -negative_high

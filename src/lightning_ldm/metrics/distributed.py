@@ -20,6 +20,15 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def all_reduce(values: torch.Tensor, op: dist.ReduceOp, device: torch.device) -> torch.Tensor:
+    """``values`` reduced over all ranks with ``op`` (unchanged without a process group), on the CPU.
+    NCCL needs tensors on ``device``; gloo takes CPU ones."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.to(device if dist.get_backend() == "nccl" else torch.device("cpu"))
+        dist.all_reduce(values, op=op)
+    return values.cpu()
+
+
 def shard(count: int, rank: int, world: int) -> range:
     """Contiguous block of range(count) for ``rank``; sizes differ by at most one."""
     return range(count * rank // world, count * (rank + 1) // world)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_ldm.errors import ConfigError, NonFiniteLossError
+from lightning_ldm.metrics.distributed import all_reduce
 from lightning_ldm.training.nonfinite import NonFiniteGuard
 from lightning_ldm.training.rng import get_rng_states, set_rng_states
 
@@ -64,10 +65,8 @@ class StepCountingModule(L.LightningModule):
     def agreed_training_seconds(self) -> float:
         """``training_seconds`` of the slowest rank, the same number on every rank (a collective under DDP): what
         decisions taken on the clock use, so that no rank enters a collective the others skip."""
-        seconds = torch.tensor(self.training_seconds(), dtype=torch.float64, device=self.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        return float(seconds)
+        seconds = torch.tensor(self.training_seconds(), dtype=torch.float64)
+        return float(all_reduce(seconds, dist.ReduceOp.MAX, self.device))
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
