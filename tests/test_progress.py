@@ -67,3 +67,16 @@ def test_training_batches_log_without_a_sync_and_the_bar_shows_the_loss(stage, t
     shown = bar.get_metrics(trainer, module)
     assert not any(k.startswith("train/") and k != key for k in shown), shown
     assert float(shown[key]) == pytest.approx(float(trainer.callback_metrics[key]), rel=1e-3)
+
+
+def test_without_a_progress_bar_the_throughput_windows_are_printed(tmp_path, capsys):
+    from lightning_ldm.callbacks.throughput import Throughput
+
+    module, data = diffusion_module(tmp_path)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+                        callbacks=[Throughput(every_n_batches=2)])
+    trainer.fit(module, datamodule=data)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "images/s" in line]
+    assert [line.split(":")[0] for line in lines] == ["batch 2", "batch 4"], lines
+    assert all(float(line.split(": ")[1].split()[0]) > 0 for line in lines)

@@ -3,7 +3,8 @@
 #   bash experiments/scaling/run.sh
 # 1. Same global batch on 1 and 2 GPUs, both stages, CIFAR-10 (GPU 0 | GPUs 1,2 in parallel): loss curves and the
 #    scale factor across ranks.  2. Weak scaling of the celebahq-ldm-vq-4 UNet (64x64x3 inputs, batch 48 per GPU)
-#    on 1, 2, 4 (, 8) GPUs. Metrics come back as flat CSVs in $OUT/csv.tgz. PHASES="correctness" or "weak" for one.
+#    and the kl-f8 autoencoder (256x256, batch 12 per GPU) on 1, 2, 4 (, 8) GPUs; WEAK_RUNS picks runs.
+#    Metrics come back as flat CSVs in $OUT/csv.tgz. PHASES="correctness" or "weak" for one.
 set -uo pipefail
 [ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
   --target /tmp/site .whl/*.whl
@@ -48,33 +49,48 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/correctness/}" ]; then
 fi
 
 if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
+  # Weak scaling: a fixed per-GPU batch on synthetic inputs, each run capped at WEAK_TIMEOUT s. The whole default
+  # plan runs on one machine; WEAK_RUNS="<model>:<N>[:ddp] ..." picks runs (models ldm4, klf8; N GPUs from 0;
+  # N=1 runs trainer=gpu, 1:ddp trainer=ddp with one device) so parallel.sh can spread them over calls and GPUs.
+  # torch.compile's caches in /tmp make a model's later runs on the same machine compile in seconds.
   common=(logger=csv "paths.output_root=$root/outputs" data=synthetic data.num_images=8000 data.num_workers=6
           trainer.num_sanity_val_steps=0 trainer.val_check_interval=100000 trainer.limit_val_batches=0
-          callbacks.throughput.every_n_batches=20)
+          callbacks.throughput.every_n_batches=20 trainer.log_every_n_steps=20 callbacks.progress=null
+          +trainer.enable_progress_bar=false)
+  # celebahq-ldm-vq-4's UNet (274.1M) on its 64x64x3 latent shape through an identity first stage (cached latents).
   ldm4=(stage=diffusion unet=ldm-4 autoencoder=identity data.image_size=64 data.batch_size=48 module.lr=9.6e-5
         module.warmup_steps=0 module.ema_decay=0.9999 schedule.beta_start=0.0015 schedule.beta_end=0.0195
         module.num_log_images=0 max_steps=${WEAK_STEPS:-100} "${common[@]}")
-  weak() {  # weak <run name> <GPU list> <trainer overrides...>
-    local name=$1 gpus=$2 start; shift 2; start=$(date +%s)
-    CUDA_VISIBLE_DEVICES=$gpus timeout "${WEAK_TIMEOUT:-420}" python3 -m lightning_ldm "${ldm4[@]}" "$@" run_name=$name 2>&1 \
-      | quiet > "$OUT/csv/$name.log"
-    keep diffusion "$name"
-    echo "$name on GPU(s) $gpus: $(( $(date +%s) - start )) s"
+  # The paper's kl-f8 first stage (83.7M; experiment=kl-f8 without its ImageNet folder) at 256x256, its batch of
+  # 12, LPIPS and the discriminator on from batch 0 (the full step); LPIPS gets a random VGG16 trunk (timing only).
+  vgg=/tmp/vgg16-random.pth
+  [ -f $vgg ] || python3 -c "import torch, torchvision; torch.save(torchvision.models.vgg16().state_dict(), '$vgg')"
+  klf8=(stage=autoencoder autoencoder=kl-f8 loss=lpips-gan module.lr=1.08e-4 data=synthetic data.image_size=256
+        data.batch_size=12 module.accumulate_grad_batches=1 loss.disc_start=0 "loss.lpips_weights=$vgg" module.image_log_every=0 max_steps=${WEAK_STEPS_AE:-100} "${common[@]}")
+  stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }
+  weak() {  # weak <model> <N> [ddp]: one run on the first N GPUs of CUDA_VISIBLE_DEVICES (or all GPUs)
+    local model=$1 n=$2 mode=${3:-} name start trainer; start=$(date +%s)
+    if [ "$n" = 1 ] && [ "$mode" != ddp ]; then trainer=(trainer=gpu); name=$model-single-1gpu
+    else trainer=(trainer=ddp "trainer.devices=$n"); name=$model-ddp-${n}gpu; fi
+    local -n overrides=$model
+    timeout "${WEAK_TIMEOUT:-420}" python3 -m lightning_ldm "${overrides[@]}" "${trainer[@]}" run_name=$name 2>&1 \
+      | quiet | stamp > "$OUT/csv/$name.log"
+    case $model in ldm4) keep diffusion "$name" ;; *) keep autoencoder "$name" ;; esac
+    echo "$name: $(( $(date +%s) - start )) s"
   }
-  # 1 GPU twice: trainer=gpu (the UNet compiled whole) and trainer=ddp with one device (compiled stage by stage,
-  # as under DDP; UNet.compile_regions). With 4 GPUs, both and the 2-GPU run go at once on separate GPUs (each
-  # job has its own GPUs and NVLink pairs; the host has 16 cores per GPU), then 4 GPUs alone.
-  if [ "$gpus" -ge 4 ]; then
-    weak ldm4-1gpu 0 trainer=gpu &
-    weak ldm4ddp-1gpu 1 trainer=ddp trainer.devices=1 &
-    weak ldm4ddp-2gpu 2,3 trainer=ddp trainer.devices=2 &
+  if [ -n "${WEAK_RUNS:-}" ]; then
+    for run in $WEAK_RUNS; do IFS=: read -r model n mode <<< "$run"; weak "$model" "$n" "$mode"; done
+  elif [ "$gpus" -ge 4 ]; then  # 1 GPU twice (compiled whole; DDP with one device, compiled stage by stage) and
+    CUDA_VISIBLE_DEVICES=0 weak ldm4 1 &          # 2 GPUs at once on separate GPUs, then 4 (and 8) alone
+    CUDA_VISIBLE_DEVICES=1 weak ldm4 1 ddp &
+    CUDA_VISIBLE_DEVICES=2,3 weak ldm4 2 &
     wait
-    weak ldm4ddp-4gpu 0,1,2,3 trainer=ddp trainer.devices=4
-    [ "$gpus" -ge 8 ] && weak ldm4ddp-8gpu 0,1,2,3,4,5,6,7 trainer=ddp trainer.devices=8
+    weak ldm4 4
+    [ "$gpus" -ge 8 ] && weak ldm4 8
+    for n in 1 2 4; do weak klf8 $n; done
   else
-    weak ldm4-1gpu 0 trainer=gpu
-    weak ldm4ddp-1gpu 0 trainer=ddp trainer.devices=1
-    [ "$gpus" -ge 2 ] && weak ldm4ddp-2gpu 0,1 trainer=ddp trainer.devices=2
+    weak ldm4 1; weak ldm4 1 ddp
+    [ "$gpus" -ge 2 ] && weak ldm4 2
   fi
   python3 experiments/scaling/summarize.py "$root/outputs" | tee "$OUT/weak_scaling.md"
   tar -C "$OUT" -czf "$OUT/csv.tgz" csv

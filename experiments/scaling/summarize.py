@@ -1,7 +1,10 @@
 """Weak-scaling table from the runs' CSV logs: images/s (median of the logged windows after the first, which holds
 torch.compile and cuDNN warm-up), per GPU, efficiency = images/s on N GPUs / (N x images/s on 1 GPU), peak memory.
 
-    python experiments/scaling/summarize.py <outputs root>     # expects <stage>/<name>-<N>gpu/csv/metrics.csv
+    python experiments/scaling/summarize.py <outputs root>  # expects <stage>/<model>-<variant>-<N>gpu/csv/metrics.csv
+
+Efficiency is given against the same variant on 1 GPU and against the fastest 1-GPU run of the same model (e.g.
+ldm4-ddp-2gpu against ldm4-single-1gpu, the UNet compiled whole without DDP): the honest baseline.
 """
 
 import csv
@@ -30,16 +33,20 @@ def main(root: Path) -> None:
         rates, memory = windows(metrics)
         if len(rates) >= 2:
             runs.setdefault(match[1], {})[int(match[2])] = (statistics.median(rates[1:]), memory, len(rates) - 1)
-    # Efficiency against the same configuration on 1 GPU, and against the fastest 1-GPU run of any configuration
-    # (e.g. trainer=gpu, compiled whole, against trainer=ddp, compiled stage by stage): the honest baseline.
-    best = max((by_n[1][0] for by_n in runs.values() if 1 in by_n), default=None)
+    def model(name: str) -> str:
+        return name.split("-")[0]
+
+    best: dict[str, float] = {}
+    for name, by_n in runs.items():
+        if 1 in by_n:
+            best[model(name)] = max(best.get(model(name), 0.0), by_n[1][0])
     print("| run | GPUs | images/s | images/s per GPU | efficiency | vs fastest 1-GPU run | peak GiB/GPU | windows |")
     print("|---|---|---|---|---|---|---|---|")
     for name, by_n in runs.items():
         base = by_n.get(1, (None,))[0]
         for n, (rate, memory, count) in sorted(by_n.items()):
             efficiency = f"{rate / (n * base):.1%}" if base else "-"
-            against_best = f"{rate / (n * best):.1%}" if best else "-"
+            against_best = f"{rate / (n * best[model(name)]):.1%}" if model(name) in best else "-"
             print(f"| {name} | {n} | {rate:.1f} | {rate / n:.1f} | {efficiency} | {against_best} | {memory:.1f} | "
                   f"{count} |")
 
