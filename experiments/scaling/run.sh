@@ -73,15 +73,16 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
     if [ "$n" = 1 ] && [ "$mode" != ddp ]; then trainer=(trainer=gpu); name=$model-single-1gpu
     else trainer=(trainer=ddp "trainer.devices=$n"); name=$model-ddp-${n}gpu; fi
     local -n overrides=$model
-    timeout "${WEAK_TIMEOUT:-420}" python3 -m lightning_ldm "${overrides[@]}" "${trainer[@]}" run_name=$name 2>&1 \
+    # -k: SIGTERM only asks for a checkpoint at the end of the batch (pre-emption); a run still compiling needs KILL
+    timeout -k 30 "${WEAK_TIMEOUT:-420}" python3 -m lightning_ldm "${overrides[@]}" "${trainer[@]}" run_name=$name 2>&1 \
       | quiet | stamp > "$OUT/csv/$name.log"
     case $model in ldm4) keep diffusion "$name" ;; *) keep autoencoder "$name" ;; esac
     echo "$name: $(( $(date +%s) - start )) s"
   }
   if [ -n "${WEAK_RUNS:-}" ]; then
     for run in $WEAK_RUNS; do IFS=: read -r model n mode <<< "$run"; weak "$model" "$n" "$mode"; done
-  elif [ "$gpus" -ge 4 ]; then  # 1 GPU twice (compiled whole; DDP with one device, compiled stage by stage) and
-    CUDA_VISIBLE_DEVICES=0 weak ldm4 1 &          # 2 GPUs at once on separate GPUs, then 4 (and 8) alone
+  elif [ "$gpus" -ge 4 ]; then  # 1 GPU twice (without DDP; DDP with one device: its own cost) and 2 GPUs at
+    CUDA_VISIBLE_DEVICES=0 weak ldm4 1 &          # once on separate GPUs, then 4 (and 8) alone
     CUDA_VISIBLE_DEVICES=1 weak ldm4 1 ddp &
     CUDA_VISIBLE_DEVICES=2,3 weak ldm4 2 &
     wait

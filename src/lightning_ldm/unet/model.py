@@ -26,7 +26,7 @@ class Stage(nn.ModuleList):
     """Layers run in order: ResBlocks get the embedding, SpatialTransformers the context."""
 
     def forward(self, x: Tensor, emb: Tensor, context: Optional[Tensor], skip: Optional[Tensor] = None) -> Tensor:
-        if skip is not None:  # the decoder's skip connection, concatenated here so a compiled stage fuses it
+        if skip is not None:  # the decoder's skip connection
             x = torch.cat([x, skip], dim=1)
         for layer in self:
             if isinstance(layer, ResBlock):
@@ -173,22 +173,6 @@ class UNet(nn.Module):
             # Non-reentrant checkpointing replays under the same autocast state, so bf16 stays bf16.
             return checkpoint(stage, h, emb, context, skip, use_reentrant=False)
         return stage(h, emb, context, skip)
-
-    def compile_regions(self, **compile_options: Any) -> None:
-        """torch.compile each stage on its own instead of the whole network (training under DDP).
-
-        Why: a network compiled as one graph has one backward node, so every gradient becomes ready at its very
-        end and DDP can only all-reduce after the backward pass. Per stage, a stage's gradients are ready as soon
-        as its backward has run, and DDP reduces them while the stages below are still differentiating.
-        Stages of one shape share compiled code; ``dynamic=False`` keeps each shape's kernels static instead of
-        letting the second shape seen turn on dynamic shapes for all."""
-        stages = [*self.input_blocks, self.middle_block, *self.output_blocks]
-        # Every stage is a Stage.forward frame: one cache entry per distinct (structure, shape) and mode (training,
-        # validation without gradients): 21 in training alone for the 24 stages of LDM-4, far over the default
-        # limit of 8, beyond which dynamo would silently run the remaining stages eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(stages))
-        for stage in stages:
-            stage.compile(**{"dynamic": False, **compile_options})
 
     def _check_inputs(
         self, x: Tensor, y: Optional[Tensor], context: Optional[Tensor], concat: Optional[Tensor]
