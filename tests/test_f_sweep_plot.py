@@ -112,3 +112,10 @@ def test_mixed_devices_are_flagged(plot, tmp_path, capsys):
 def test_no_results_is_one_line(plot, tmp_path):
     with pytest.raises(SystemExit, match="no run CSVs"):
         plot.main(["--root", str(tmp_path)])
+
+
+def test_runs_with_another_batch_size_are_labelled_by_their_preset_and_batch(plot):
+    assert plot.run_label("ldm-f2-b1024") == "LDM, KL f=2 (16x16x4), batch 1024"
+    assert plot.run_label("pixel") == "pixel space (f=1)"
+    assert plot.base_and_batch("ldm-f4") == ("ldm-f4", None)
+    assert plot.run_label("my-run") == "my-run"

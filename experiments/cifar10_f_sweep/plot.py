@@ -4,7 +4,8 @@
 
 Reads, under ``--root`` (the layout ``run.sh`` writes, every part optional):
 
-- ``diffusion/{pixel,ldm-f2,ldm-f4}/csv/metrics.csv``: the framework's CSV logger (``val/fd-<name>@<n>`` with
+- ``diffusion/<run>/csv/metrics.csv`` (``pixel``, ``ldm-f2``, ``ldm-f4``, and variants such as ``ldm-f2-b1024``
+  for batch 1024): the framework's CSV logger (``val/fd-<name>@<n>`` with
   ``perf/train_seconds`` at every FD evaluation, ``train/loss`` every 10 batches, ``perf/train_seconds`` every 50)
 - ``peer_ddpm/{curve,loss}.csv``: the diffusers peer (``train_seconds, step, images_seen, fd``; ``step,
   train_seconds, loss``)
@@ -29,6 +30,7 @@ from typing import Optional
 
 FD_KEY = re.compile(r"^val/(fid|fd-[^@]+)@(\d+)$")
 STAGE2 = [("pixel", "pixel space (f=1)"), ("ldm-f2", "LDM, KL f=2 (16x16x4)"), ("ldm-f4", "LDM, KL f=4 (8x8x4)")]
+BATCH_SUFFIX = re.compile(r"^(.+)-b(\d+)$")
 STAGE1 = [("ae-f2", "KL f=2"), ("ae-f4", "KL f=4")]
 PEER = ("peer_ddpm", "diffusers DDPM (Ho et al.), pixel space")
 
@@ -149,12 +151,27 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def base_and_batch(name: str) -> tuple[str, Optional[int]]:
+    """"ldm-f2-b1024" -> ("ldm-f2", 1024): a preset run with another batch size."""
+    match = BATCH_SUFFIX.match(name)
+    return (match[1], int(match[2])) if match else (name, None)
+
+
+def run_label(name: str) -> str:
+    base, batch = base_and_batch(name)
+    label = dict(STAGE2).get(base, base)
+    return f"{label}, batch {batch}" if batch else label
+
+
 def collect(root: Path) -> dict:
     runs = {}
-    for name, label in STAGE2:
-        csv_path = root / "diffusion" / name / "csv" / "metrics.csv"
-        if csv_path.is_file():
-            runs[name] = {"label": label, **framework_run(csv_path), "device": device_of(root / "diffusion" / name)}
+    order = [name for name, _ in STAGE2]
+    folders = sorted((root / "diffusion").glob("*/csv/metrics.csv"),
+                     key=lambda p: (order.index(base_and_batch(p.parents[1].name)[0])
+                                    if base_and_batch(p.parents[1].name)[0] in order else len(order), p.parents[1].name))
+    for csv_path in folders:
+        name = csv_path.parents[1].name
+        runs[name] = {"label": run_label(name), **framework_run(csv_path), "device": device_of(csv_path.parents[1])}
     if (root / PEER[0] / "curve.csv").is_file() or (root / PEER[0] / "loss.csv").is_file():
         runs[PEER[0]] = {"label": PEER[1], **peer_run(root / PEER[0])}
     stage1 = {}
@@ -205,10 +222,15 @@ def plot(data: dict, out: Path) -> list[Path]:
     labels = {r.get("fd_key") for r in runs.values() if r.get("fd_key")}
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    def style(name: str) -> dict:  # one colour per space, a line style per batch size
+        base, batch = base_and_batch(name)
+        dashes = {None: "-", 128: "-", 256: "-.", 512: "--", 1024: ":"}
+        return {"color": colours.get(base), "ls": dashes.get(batch, "-.")}
+
     for name, run in runs.items():
         if run["fd"]:
-            ax.plot([p["train_seconds"] for p in run["fd"]], [p["fd"] for p in run["fd"]], "o-", ms=3.5,
-                    color=colours.get(name), label=run["label"] + (f" [{run['device']}]" if run.get("device") else ""))
+            ax.plot([p["train_seconds"] for p in run["fd"]], [p["fd"] for p in run["fd"]], marker="o", ms=3.5,
+                    **style(name), label=run["label"] + (f" [{run['device']}]" if run.get("device") else ""))
     if data["floor"]:
         key, value = data["floor"]["metric"], data["floor"]["value"]
         ax.axhline(value, color="black", ls="--", lw=0.8,
@@ -230,8 +252,7 @@ def plot(data: dict, out: Path) -> list[Path]:
     for name, run in runs.items():
         if run["loss"]:
             seconds = [p["train_seconds"] for p in run["loss"]]
-            left.plot(seconds, smooth([p["loss"] for p in run["loss"]], 10), color=colours.get(name), lw=1,
-                      label=run["label"])
+            left.plot(seconds, smooth([p["loss"] for p in run["loss"]], 10), lw=1, label=run["label"], **style(name))
     left.set_xlabel("training seconds")
     left.set_ylabel("training loss (eps MSE, running mean of 10 logs)")
     left.set_yscale("log")
