@@ -15,6 +15,9 @@ runs in try/except (a failure prints one line); variants are skipped once --budg
     PYTHONPATH=/tmp/site:$PWD/src python3 experiments/benchmarks/peers.py --out peers.json
     python3 experiments/benchmarks/peers.py --only unet_train compiled      # groups, nets, modes or group/variant
     python3 experiments/benchmarks/peers.py --dry-run --device cpu          # every code path, tiny, no compile
+    # A/B of compiler and kernel settings, e.g. one process per setting on the GPUs of one machine:
+    python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --inductor coordinate_descent_tuning=True
+    python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --sdpa-off cudnn   # flash attention
 
 diffusers is a benchmark-only dependency (the wheel is not in the project's requirements).
 """
@@ -391,6 +394,32 @@ def versions(device: torch.device) -> dict[str, Any]:
     return info
 
 
+SDPA_BACKENDS = ("cudnn", "flash", "mem_efficient", "math")
+
+
+def apply_settings(inductor: list[str], sdpa_off: list[str]) -> None:
+    """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error) and --sdpa-off."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    for item in inductor:
+        key, sep, text = item.partition("=")
+        if not sep:
+            sys.exit(f"--inductor {item!r}: expected KEY=VALUE")
+        owner, _, name = key.rpartition(".")
+        target = inductor_config if not owner else getattr(inductor_config, owner, None)
+        if target is None or not hasattr(target, name):
+            sys.exit(f"--inductor: torch._inductor.config has no setting {key!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        setattr(target, name, value)
+    for backend in sdpa_off:
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
+
+
 def select(args) -> list[tuple[str, str, str]]:
     """Variants in run order. --only tokens: groups, nets and modes (same kind OR'd, kinds AND'd) or group/net-mode."""
     everything = [(g, n, m) for g in GROUPS for m in MODES for n in NETS]
@@ -433,7 +462,12 @@ def main() -> None:
     parser.add_argument("--dry-run-compile", action="store_true", help="compile in the dry run too (slow on CPU)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: trace only)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: inductor's default)")
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")
+    parser.add_argument("--sdpa-off", nargs="+", default=[], choices=SDPA_BACKENDS,
+                        help="scaled_dot_product_attention backends to disable (cudnn: flash attention takes over)")
     args = parser.parse_args()
+    apply_settings(args.inductor, args.sdpa_off)
     if args.steps is None:
         args.steps = 2 if args.dry_run else 20
     if args.warmup is None:
