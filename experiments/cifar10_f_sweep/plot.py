@@ -9,7 +9,8 @@ Reads, under ``--root`` (the layout ``run.sh`` writes, every part optional):
   ``perf/train_seconds`` at every FD evaluation, ``train/loss`` every 10 batches, ``perf/train_seconds`` every 50)
 - ``peer_ddpm/{curve,loss}.csv``: the diffusers peer (``train_seconds, step, images_seen, fd``; ``step,
   train_seconds, loss``)
-- ``autoencoder/{ae-f2,ae-f4}/csv/metrics.csv``: stage 1 (``val/psnr``, ``val/ssim``, ``train/rec_loss``)
+- ``autoencoder/<run>/csv/metrics.csv`` (``ae-f2``, ``ae-f4`` or another ``AE_NAME``): stage 1 (``val/psnr``,
+  ``val/ssim``, ``train/rec_loss``)
 - ``results/ae-*-eval.json`` (``stage=evaluate`` of each autoencoder export), ``extractor/result.json``
 - ``*/run_info.json`` and ``peer_ddpm/result.json`` for the device of each run
 
@@ -175,7 +176,10 @@ def collect(root: Path) -> dict:
     if (root / PEER[0] / "curve.csv").is_file() or (root / PEER[0] / "loss.csv").is_file():
         runs[PEER[0]] = {"label": PEER[1], **peer_run(root / PEER[0])}
     stage1 = {}
-    for name, label in STAGE1:
+    known = [name for name, _ in STAGE1]
+    others = sorted(p.parents[1].name for p in (root / "autoencoder").glob("*/csv/metrics.csv")
+                    if p.parents[1].name not in known)
+    for name, label in [*STAGE1, *((name, name) for name in others)]:
         csv_path = root / "autoencoder" / name / "csv" / "metrics.csv"
         if csv_path.is_file():
             stage1[name] = {"label": label, **stage1_run(csv_path), "device": device_of(root / "autoencoder" / name)}

@@ -10,7 +10,9 @@
 # Settings (environment): TRAIN_SECONDS (360: each stage-2 run's training-time budget, and the peer's),
 # FD_EVERY_SECONDS (TRAIN_SECONDS / 6: FD every this much training time), FD_SAMPLES (5000), AE_MAX_TIME
 # (00:00:03:30: wall-clock cap of each stage-1 run), STAGE2_OVERRIDES (extra Hydra overrides for every stage-2
-# run, space-separated, e.g. "data.batch_size=512 module.lr=8e-4"), SKIP_INSTALL=1 (wheels already installed),
+# run, space-separated, e.g. "data.batch_size=512 module.lr=8e-4"), AE_OVERRIDES (the same for stage 1, e.g.
+# "loss.disc_start=100000": no discriminator), AE_NAME (the stage-1 run that ae-*, eval-ae-* and ldm-* use; default
+# ae-f2 / ae-f4), SKIP_INSTALL=1 (wheels already installed),
 # SMOKE=1 (a CPU check of every command line: tiny sizes, seconds per phase; results are meaningless).
 # Phases may run at once on different GPUs of one machine (experiments/parallel.sh): they share WORK, and a phase
 # that needs the classifier waits up to 3 min for the classifier phase to write it.
@@ -105,23 +107,25 @@ for phase in "${phases[@]}"; do
     pixel) stage2 experiment=cifar10-pixel run_name=pixel ;;
     ldm-f2|ldm-f4)
       f=${phase#ldm-}
-      export_file="$WORK/autoencoder/ae-$f/export/autoencoder.safetensors"
+      export_file="$WORK/autoencoder/${AE_NAME:-ae-$f}/export/autoencoder.safetensors"
       if [ -f "$export_file" ]; then stage2 experiment=cifar10-ldm "autoencoder.path=$export_file" "run_name=ldm-$f"
       else echo "SKIPPED: no $export_file (run ae-$f first, in this call or on this warm machine)"; false; fi ;;
     ae-f2|ae-f4)
       f=${phase#ae-}
       timeout --signal=TERM 420 python3 -m lightning_ldm "experiment=cifar10-autoencoder-kl-$f" "${common[@]}" \
-        "run_name=ae-$f" "+trainer.max_time=$AE_MAX_TIME" "${smoke_all[@]}" "${smoke_ae[@]}" ;;
+        "run_name=${AE_NAME:-ae-$f}" "+trainer.max_time=$AE_MAX_TIME" "${smoke_all[@]}" "${smoke_ae[@]}" \
+        ${AE_OVERRIDES:-} ;;
     eval-ae-f2|eval-ae-f4)   # PSNR, SSIM and rFD of all 5,000 held-out images through the export
       f=${phase#eval-ae-}
       if bundle=$(extractor); then
         timeout 180 python3 -m lightning_ldm stage=evaluate \
-          "evaluate.ckpt=$WORK/autoencoder/ae-$f/export/autoencoder.safetensors" logger=csv "paths.output_root=$WORK" \
-          "run_name=eval-ae-$f" data=folder "data.root=$ZIP" data.channels=3 data.num_workers=8 ++data.verify=false \
+          "evaluate.ckpt=$WORK/autoencoder/${AE_NAME:-ae-$f}/export/autoencoder.safetensors" logger=csv \
+          "paths.output_root=$WORK" "run_name=eval-${AE_NAME:-ae-$f}" data=folder "data.root=$ZIP" data.channels=3 \
+          data.num_workers=8 ++data.verify=false \
           evaluate.split=val evaluate.num_samples=5000 evaluate.batch_size=500 \
           evaluate.feature_extractor.kind=checkpoint "evaluate.feature_extractor.name=$NAME" \
           "evaluate.feature_extractor.path=$bundle" evaluate.feature_extractor.feature_layer=pool \
-          "evaluate.report=$WORK/results/ae-$f-eval.json" "${smoke_eval[@]}"
+          "evaluate.report=$WORK/results/${AE_NAME:-ae-$f}-eval.json" "${smoke_eval[@]}"
       else echo "SKIPPED: no $NAME.pt"; false; fi ;;
     peer)
       if bundle=$(extractor); then
