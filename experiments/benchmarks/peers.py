@@ -18,6 +18,7 @@ runs in try/except (a failure prints one line); variants are skipped once --budg
     # A/B of compiler and kernel settings, e.g. one process per setting on the GPUs of one machine:
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --inductor coordinate_descent_tuning=True
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --sdpa-off cudnn   # flash attention
+    python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --group-norm channel-statistics
 
 diffusers is a benchmark-only dependency (the wheel is not in the project's requirements).
 """
@@ -397,8 +398,9 @@ def versions(device: torch.device) -> dict[str, Any]:
 SDPA_BACKENDS = ("cudnn", "flash", "mem_efficient", "math")
 
 
-def apply_settings(inductor: list[str], sdpa_off: list[str]) -> None:
-    """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error) and --sdpa-off."""
+def apply_settings(inductor: list[str], sdpa_off: list[str], group_norm: str = "grouped") -> None:
+    """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error), --sdpa-off and
+    --group-norm (which formulation our GroupNorm uses when compiled)."""
     import ast
 
     import torch._inductor.config as inductor_config
@@ -418,6 +420,10 @@ def apply_settings(inductor: list[str], sdpa_off: list[str]) -> None:
         setattr(target, name, value)
     for backend in sdpa_off:
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
+    if group_norm == "channel-statistics":
+        from lightning_ldm.unet.blocks import GroupNorm
+
+        GroupNorm.layout_preserving_forward = GroupNorm.channel_statistics_forward
 
 
 def select(args) -> list[tuple[str, str, str]]:
@@ -466,8 +472,10 @@ def main() -> None:
                         help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")
     parser.add_argument("--sdpa-off", nargs="+", default=[], choices=SDPA_BACKENDS,
                         help="scaled_dot_product_attention backends to disable (cudnn: flash attention takes over)")
+    parser.add_argument("--group-norm", choices=("grouped", "channel-statistics"), default="grouped",
+                        help="our compiled GroupNorm: group reductions (the default) or per-channel statistics")
     args = parser.parse_args()
-    apply_settings(args.inductor, args.sdpa_off)
+    apply_settings(args.inductor, args.sdpa_off, args.group_norm)
     if args.steps is None:
         args.steps = 2 if args.dry_run else 20
     if args.warmup is None:

@@ -31,6 +31,23 @@ class GroupNorm(nn.GroupNorm):
         y = y * self.weight.view(affine) + self.bias.view(affine)
         return y.to(torch.promote_types(x.dtype, self.weight.dtype))  # float32 under autocast, as nn.GroupNorm
 
+    def channel_statistics_forward(self, x: Tensor) -> Tensor:
+        """The same function from per-channel statistics: under channels_last a group's C/G channels (7 of 224 in
+        LDM-4) are short strided runs, while a per-channel reduction over H, W reads whole contiguous rows of C.
+        Group statistics follow exactly (law of total variance); the normalisation becomes one multiply-add with a
+        per-(sample, channel) scale and shift. Measured 1.5x faster than ``layout_preserving_forward`` for GN + SiLU,
+        forward and backward, compiled on a CPU; to be timed on a GPU (experiments/benchmarks/peers.py
+        --group-norm) before it replaces it."""
+        var_c, mean_c = torch.var_mean(x.float(), dim=tuple(range(2, x.ndim)), correction=0)  # (B, C)
+        mean_c, var_c = mean_c.unflatten(1, (self.num_groups, -1)), var_c.unflatten(1, (self.num_groups, -1))
+        mean = mean_c.mean(-1, keepdim=True)
+        var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
+        scale = torch.rsqrt(var + self.eps) * self.weight.view(self.num_groups, -1)  # (B, G, C/G)
+        shift = self.bias - (mean * scale).flatten(1)
+        per_channel = x.shape[:2] + (1,) * (x.ndim - 2)
+        y = x.float() * scale.flatten(1).view(per_channel) + shift.view(per_channel)
+        return y.to(torch.promote_types(x.dtype, self.weight.dtype))
+
 
 def group_norm(channels: int) -> GroupNorm:
     """GroupNorm with ADM's 32 groups."""
