@@ -153,7 +153,7 @@ def test_subpixel_upsample_equals_nearest_then_conv(channels_last):
     torch.testing.assert_close(torch.autograd.grad((fast * g).sum(), (x, up.conv.weight, up.conv.bias)), expected)
 
 
-@pytest.mark.parametrize("forward", ["layout_preserving_forward", "channel_statistics_forward"])
+@pytest.mark.parametrize("forward", ["layout_preserving_forward", "grouped_forward"])
 def test_compiled_group_norm_paths_match_and_keep_layout(forward):
     torch.manual_seed(0)
     norm = perturb(GroupNorm(32, 224))

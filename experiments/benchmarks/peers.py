@@ -18,7 +18,7 @@ runs in try/except (a failure prints one line); variants are skipped once --budg
     # A/B of compiler and kernel settings, e.g. one process per setting on the GPUs of one machine:
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --inductor coordinate_descent_tuning=True
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --sdpa-off cudnn   # flash attention
-    python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --group-norm channel-statistics
+    python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --group-norm grouped   # the former GN
 
 diffusers is a benchmark-only dependency (the wheel is not in the project's requirements).
 """
@@ -398,7 +398,7 @@ def versions(device: torch.device) -> dict[str, Any]:
 SDPA_BACKENDS = ("cudnn", "flash", "mem_efficient", "math")
 
 
-def apply_settings(inductor: list[str], sdpa_off: list[str], group_norm: str = "grouped") -> None:
+def apply_settings(inductor: list[str], sdpa_off: list[str], group_norm: str = "channel-statistics") -> None:
     """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error), --sdpa-off and
     --group-norm (which formulation our GroupNorm uses when compiled)."""
     import ast
@@ -420,10 +420,10 @@ def apply_settings(inductor: list[str], sdpa_off: list[str], group_norm: str = "
         setattr(target, name, value)
     for backend in sdpa_off:
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
-    if group_norm == "channel-statistics":
+    if group_norm == "grouped":
         from lightning_ldm.unet.blocks import GroupNorm
 
-        GroupNorm.layout_preserving_forward = GroupNorm.channel_statistics_forward
+        GroupNorm.layout_preserving_forward = GroupNorm.grouped_forward
 
 
 def select(args) -> list[tuple[str, str, str]]:
@@ -472,8 +472,8 @@ def main() -> None:
                         help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")
     parser.add_argument("--sdpa-off", nargs="+", default=[], choices=SDPA_BACKENDS,
                         help="scaled_dot_product_attention backends to disable (cudnn: flash attention takes over)")
-    parser.add_argument("--group-norm", choices=("grouped", "channel-statistics"), default="grouped",
-                        help="our compiled GroupNorm: group reductions (the default) or per-channel statistics")
+    parser.add_argument("--group-norm", choices=("channel-statistics", "grouped"), default="channel-statistics",
+                        help="our compiled GroupNorm: per-channel statistics (the default) or group reductions")
     args = parser.parse_args()
     apply_settings(args.inductor, args.sdpa_off, args.group_norm)
     if args.steps is None:

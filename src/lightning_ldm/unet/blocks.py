@@ -14,8 +14,8 @@ class GroupNorm(nn.GroupNorm):
 
     torch.compile lowers nn.GroupNorm through a (B, G, -1) reshape and so hands the channels_last
     convolutions NCHW gradients, which cuDNN copies back: 11 ms of a 104 ms LDM-4 training step on
-    an H100. Compiled, we normalise a (B, G, C/G, H, W) view instead, which keeps every tensor's
-    layout (100 instead of 104 ms there); eager, PyTorch's fused kernel is faster and leaner.
+    an H100. Compiled, we normalise without that reshape (``layout_preserving_forward``), which keeps
+    every tensor's layout; eager, PyTorch's fused kernel is faster and leaner.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -24,20 +24,12 @@ class GroupNorm(nn.GroupNorm):
         return super().forward(x)
 
     def layout_preserving_forward(self, x: Tensor) -> Tensor:
-        groups = x.float().unflatten(1, (self.num_groups, -1))
-        var, mean = torch.var_mean(groups, dim=tuple(range(2, groups.ndim)), keepdim=True, correction=0)
-        y = ((groups - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)
-        affine = (-1,) + (1,) * (x.ndim - 2)
-        y = y * self.weight.view(affine) + self.bias.view(affine)
-        return y.to(torch.promote_types(x.dtype, self.weight.dtype))  # float32 under autocast, as nn.GroupNorm
-
-    def channel_statistics_forward(self, x: Tensor) -> Tensor:
-        """The same function from per-channel statistics: under channels_last a group's C/G channels (7 of 224 in
-        LDM-4) are short strided runs, while a per-channel reduction over H, W reads whole contiguous rows of C.
-        Group statistics follow exactly (law of total variance); the normalisation becomes one multiply-add with a
-        per-(sample, channel) scale and shift. Measured 1.5x faster than ``layout_preserving_forward`` for GN + SiLU,
-        forward and backward, compiled on a CPU; to be timed on a GPU (experiments/benchmarks/peers.py
-        --group-norm) before it replaces it."""
+        """GroupNorm from per-channel statistics. Under channels_last a group's C/G channels (7 of 224 in LDM-4)
+        are short strided runs, while a per-channel reduction over H, W reads whole contiguous rows of C. The group
+        statistics follow exactly (law of total variance) and the normalisation is one multiply-add with a
+        per-(sample, channel) scale and shift. Compiled on a 2-core CPU, GN + SiLU (forward and backward) ran
+        1.1-1.7x and a small-UNet training step 1.1-1.3x faster than with statistics over groups (``grouped_forward``;
+        experiments/benchmarks/group_norm_forms.py); the GPU A/B is ``peers.py --group-norm grouped``."""
         var_c, mean_c = torch.var_mean(x.float(), dim=tuple(range(2, x.ndim)), correction=0)  # (B, C)
         mean_c, var_c = mean_c.unflatten(1, (self.num_groups, -1)), var_c.unflatten(1, (self.num_groups, -1))
         mean = mean_c.mean(-1, keepdim=True)
@@ -46,6 +38,15 @@ class GroupNorm(nn.GroupNorm):
         shift = self.bias - (mean * scale).flatten(1)
         per_channel = x.shape[:2] + (1,) * (x.ndim - 2)
         y = x.float() * scale.flatten(1).view(per_channel) + shift.view(per_channel)
+        return y.to(torch.promote_types(x.dtype, self.weight.dtype))  # float32 under autocast, as nn.GroupNorm
+
+    def grouped_forward(self, x: Tensor) -> Tensor:
+        """The former compiled form: statistics over a (B, G, C/G, H, W) view (kept for the GPU A/B)."""
+        groups = x.float().unflatten(1, (self.num_groups, -1))
+        var, mean = torch.var_mean(groups, dim=tuple(range(2, groups.ndim)), keepdim=True, correction=0)
+        y = ((groups - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)
+        affine = (-1,) + (1,) * (x.ndim - 2)
+        y = y * self.weight.view(affine) + self.bias.view(affine)
         return y.to(torch.promote_types(x.dtype, self.weight.dtype))
 
 
