@@ -19,6 +19,7 @@ runs in try/except (a failure prints one line); variants are skipped once --budg
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --inductor coordinate_descent_tuning=True
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --sdpa-off cudnn   # flash attention
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --group-norm grouped   # the former GN
+    python3 experiments/benchmarks/peers.py --only ae_train/ours-compiled --ae-group-norm layout-preserving
 
 diffusers is a benchmark-only dependency (the wheel is not in the project's requirements).
 """
@@ -398,9 +399,11 @@ def versions(device: torch.device) -> dict[str, Any]:
 SDPA_BACKENDS = ("cudnn", "flash", "mem_efficient", "math")
 
 
-def apply_settings(inductor: list[str], sdpa_off: list[str], group_norm: str = "channel-statistics") -> None:
-    """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error), --sdpa-off and
-    --group-norm (which formulation our GroupNorm uses when compiled)."""
+def apply_settings(inductor: list[str], sdpa_off: list[str], group_norm: str = "channel-statistics",
+                   ae_group_norm: str = "torch") -> None:
+    """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error), --sdpa-off,
+    --group-norm (which formulation our UNet's GroupNorm uses when compiled) and --ae-group-norm (the UNet's
+    GroupNorm, same parameters and state dict, in our autoencoder instead of nn.GroupNorm)."""
     import ast
 
     import torch._inductor.config as inductor_config
@@ -424,6 +427,15 @@ def apply_settings(inductor: list[str], sdpa_off: list[str], group_norm: str = "
         from lightning_ldm.unet.blocks import GroupNorm
 
         GroupNorm.layout_preserving_forward = GroupNorm.grouped_forward
+    if ae_group_norm == "layout-preserving":
+        import lightning_ldm.autoencoder.blocks as blocks
+        import lightning_ldm.autoencoder.encoder_decoder as encoder_decoder
+        from lightning_ldm.unet.blocks import GroupNorm
+
+        def normalize(channels: int) -> nn.GroupNorm:
+            return GroupNorm(32, channels, eps=1e-6)
+
+        blocks.Normalize = encoder_decoder.Normalize = normalize
 
 
 def select(args) -> list[tuple[str, str, str]]:
@@ -474,8 +486,10 @@ def main() -> None:
                         help="scaled_dot_product_attention backends to disable (cudnn: flash attention takes over)")
     parser.add_argument("--group-norm", choices=("channel-statistics", "grouped"), default="channel-statistics",
                         help="our compiled GroupNorm: per-channel statistics (the default) or group reductions")
+    parser.add_argument("--ae-group-norm", choices=("torch", "layout-preserving"), default="torch",
+                        help="our autoencoder's GroupNorm: nn.GroupNorm (as built) or the UNet's layout-preserving one")
     args = parser.parse_args()
-    apply_settings(args.inductor, args.sdpa_off, args.group_norm)
+    apply_settings(args.inductor, args.sdpa_off, args.group_norm, args.ae_group_norm)
     if args.steps is None:
         args.steps = 2 if args.dry_run else 20
     if args.warmup is None:
