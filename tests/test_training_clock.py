@@ -58,3 +58,31 @@ def test_a_stop_before_any_validation_leaves_one_last_checkpoint(tmp_path, compo
     trainer.fit(make_module(max_steps=3, disc_start=100), datamodule=TinyImages())
     saved = sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in saved and not [name for name in saved if "-v" in name], saved
+
+
+def test_the_agreed_clock_is_read_once_per_batch_whoever_asks(tmp_path):
+    """The time-based FID schedule and max_train_seconds both ask at every TIME_CHECK_EVERY-th batch: one read
+    (a GPU sync, and a collective under DDP) serves both."""
+
+    started = [0]
+
+    class AskingToo(L.Callback):  # stands in for the FID callback's time check, which runs before the module's
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            started[0] += 1
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if (module.batch_step + 1) % module.TIME_CHECK_EVERY == 0:
+                module.agreed_training_seconds()
+
+    module = make_module(max_steps=6, disc_start=100)
+    module.max_train_seconds = 1e9
+    module.TIME_CHECK_EVERY = 2
+    reads = []  # the batch (counted from 1) of every clock read
+    clock = module.training_seconds
+    module.training_seconds = lambda: reads.append(started[0]) or clock()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        limit_val_batches=0, callbacks=[AskingToo()])
+    trainer.fit(module, datamodule=TinyImages())
+    during = [batch for batch in reads if 0 < batch < 6]  # the last batch also reads for the final checkpoint
+    assert during == [2, 4], reads

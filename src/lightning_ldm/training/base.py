@@ -38,6 +38,7 @@ class StepCountingModule(L.LightningModule):
         self._clock_start: Optional[float] = None
         self._evaluation_seconds = 0.0
         self._validation_start: Optional[float] = None
+        self._agreed_seconds_this_batch: Optional[float] = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._batch_finished_uncounted = False
@@ -64,9 +65,12 @@ class StepCountingModule(L.LightningModule):
 
     def agreed_training_seconds(self) -> float:
         """``training_seconds`` of the slowest rank, the same number on every rank (a collective under DDP): what
-        decisions taken on the clock use, so that no rank enters a collective the others skip."""
-        seconds = torch.tensor(self.training_seconds(), dtype=torch.float64)
-        return float(all_reduce(seconds, dist.ReduceOp.MAX, self.device))
+        decisions taken on the clock use, so that no rank enters a collective the others skip. Read once per
+        batch: the time-based FID schedule and max_train_seconds ask at the same batches."""
+        if self._agreed_seconds_this_batch is None:
+            seconds = torch.tensor(self.training_seconds(), dtype=torch.float64)
+            self._agreed_seconds_this_batch = float(all_reduce(seconds, dist.ReduceOp.MAX, self.device))
+        return self._agreed_seconds_this_batch
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -114,6 +118,7 @@ class StepCountingModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.stop_if_nonfinite()
+        self._agreed_seconds_this_batch = None
         # Callbacks' on_train_batch_end (a step-triggered ModelCheckpoint, FID) runs before ours: a checkpoint
         # written there holds this batch's update, so it must count this batch (see on_save_checkpoint).
         self._batch_finished_uncounted = True
