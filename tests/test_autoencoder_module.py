@@ -84,6 +84,18 @@ def test_discriminator_is_not_touched_before_disc_start(tmp_path, monkeypatch):
     assert any(not torch.equal(b, a) for b, a in zip(before, after))  # and it trains once active
 
 
+def test_disc_start_at_max_steps_trains_without_the_discriminator_and_says_so(tmp_path, capsys):
+    """The CIFAR-10 presets set disc_start: ${max_steps}: no adversarial batch at all, announced at fit start."""
+    module = make_module(max_steps=3, disc_start=3)
+    calls = []
+    module.loss.discriminator.register_forward_hook(lambda *args: calls.append(module.batch_step))
+    fit(module, tmp_path)
+    assert module.batch_step == 3 and calls == []
+    assert "discriminator off (disc_start 3 >= max_steps 3)" in capsys.readouterr().out
+    fit(make_module(max_steps=4, disc_start=3), tmp_path / "on")
+    assert "discriminator from batch 3" in capsys.readouterr().out
+
+
 def test_generator_loss_leaves_no_gradient_in_the_discriminator(tmp_path):
     """With both optimisers stepping per batch, g_loss must not update D (toggle_optimizer)."""
     module = make_module(max_steps=1, disc_start=0)

@@ -18,7 +18,6 @@ runs in try/except (a failure prints one line); variants are skipped once --budg
     # A/B of compiler and kernel settings, e.g. one process per setting on the GPUs of one machine:
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --inductor coordinate_descent_tuning=True
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --sdpa-off cudnn   # flash attention
-    python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --group-norm grouped   # the former GN
     python3 experiments/benchmarks/peers.py --only ae_train/ours-compiled --ae-group-norm layout-preserving
 
 diffusers is a benchmark-only dependency (the wheel is not in the project's requirements).
@@ -399,11 +398,9 @@ def versions(device: torch.device) -> dict[str, Any]:
 SDPA_BACKENDS = ("cudnn", "flash", "mem_efficient", "math")
 
 
-def apply_settings(inductor: list[str], sdpa_off: list[str], group_norm: str = "channel-statistics",
-                   ae_group_norm: str = "torch") -> None:
-    """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error), --sdpa-off,
-    --group-norm (which formulation our UNet's GroupNorm uses when compiled) and --ae-group-norm (the UNet's
-    GroupNorm, same parameters and state dict, in our autoencoder instead of nn.GroupNorm)."""
+def apply_settings(inductor: list[str], sdpa_off: list[str], ae_group_norm: str = "torch") -> None:
+    """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error), --sdpa-off and
+    --ae-group-norm (the UNet's GroupNorm, same parameters and state dict, in our autoencoder instead of nn.GroupNorm)."""
     import ast
 
     import torch._inductor.config as inductor_config
@@ -423,10 +420,6 @@ def apply_settings(inductor: list[str], sdpa_off: list[str], group_norm: str = "
         setattr(target, name, value)
     for backend in sdpa_off:
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
-    if group_norm == "grouped":
-        from lightning_ldm.unet.blocks import GroupNorm
-
-        GroupNorm.layout_preserving_forward = GroupNorm.grouped_forward
     if ae_group_norm == "layout-preserving":
         import lightning_ldm.autoencoder.blocks as blocks
         import lightning_ldm.autoencoder.encoder_decoder as encoder_decoder
@@ -484,12 +477,10 @@ def main() -> None:
                         help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")
     parser.add_argument("--sdpa-off", nargs="+", default=[], choices=SDPA_BACKENDS,
                         help="scaled_dot_product_attention backends to disable (cudnn: flash attention takes over)")
-    parser.add_argument("--group-norm", choices=("channel-statistics", "grouped"), default="channel-statistics",
-                        help="our compiled GroupNorm: per-channel statistics (the default) or group reductions")
     parser.add_argument("--ae-group-norm", choices=("torch", "layout-preserving"), default="torch",
                         help="our autoencoder's GroupNorm: nn.GroupNorm (as built) or the UNet's layout-preserving one")
     args = parser.parse_args()
-    apply_settings(args.inductor, args.sdpa_off, args.group_norm, args.ae_group_norm)
+    apply_settings(args.inductor, args.sdpa_off, args.ae_group_norm)
     if args.steps is None:
         args.steps = 2 if args.dry_run else 20
     if args.warmup is None:
