@@ -222,6 +222,13 @@ def plot(data: dict, out: Path) -> list[Path]:
     written = []
     colours = {"pixel": "tab:red", "ldm-f2": "tab:blue", "ldm-f4": "tab:green", "peer_ddpm": "tab:gray",
                "ae-f2": "tab:blue", "ae-f4": "tab:green"}
+    spare = iter(["tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black"] * 4)
+
+    def colour(name: str) -> str:  # the fixed colour of a known run, else the next unused one (kept per name)
+        if name not in colours:
+            colours[name] = next(spare)
+        return colours[name]
+
     runs = data["stage2"]
     labels = {r.get("fd_key") for r in runs.values() if r.get("fd_key")}
 
@@ -229,7 +236,7 @@ def plot(data: dict, out: Path) -> list[Path]:
     def style(name: str) -> dict:  # one colour per space, a line style per batch size
         base, batch = base_and_batch(name)
         dashes = {None: "-", 128: "-", 256: "-.", 512: "--", 1024: ":"}
-        return {"color": colours.get(base), "ls": dashes.get(batch, "-.")}
+        return {"color": colour(base), "ls": dashes.get(batch, "-.")}
 
     for name, run in runs.items():
         if run["fd"]:
@@ -264,7 +271,7 @@ def plot(data: dict, out: Path) -> list[Path]:
     for name, run in data["stage1"].items():
         if run.get("rec_loss"):
             steps, values = zip(*run["rec_loss"])
-            right.plot(steps, smooth(list(values), 10), color=colours.get(name), lw=1, label=run["label"])
+            right.plot(steps, smooth(list(values), 10), color=colour(name), lw=1, label=run["label"])
     right.set_xlabel("batches")
     right.set_ylabel("stage-1 training reconstruction loss")
     right.set_title("stage 1", fontsize=9)
@@ -283,7 +290,7 @@ def plot(data: dict, out: Path) -> list[Path]:
             for axis, key in ((psnr, "psnr"), (ssim, "ssim")):
                 points = run.get("val", {}).get(key) or []
                 if points:
-                    axis.plot(*zip(*points), "o-", ms=3.5, color=colours.get(name), label=run["label"])
+                    axis.plot(*zip(*points), "o-", ms=3.5, color=colour(name), label=run["label"])
         psnr.set_ylabel("validation PSNR (dB)")
         ssim.set_ylabel("validation SSIM")
         for axis in (psnr, ssim):
