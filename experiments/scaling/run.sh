@@ -52,7 +52,9 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
   # Weak scaling: a fixed per-GPU batch on synthetic inputs, each run capped at WEAK_TIMEOUT s. The whole default
   # plan runs on one machine; WEAK_RUNS="<model>:<N>[:ddp] ..." picks runs (models ldm4, klf8; N GPUs from 0;
   # N=1 runs trainer=gpu, 1:ddp trainer=ddp with one device) so parallel.sh can spread them over calls and GPUs.
-  # torch.compile's caches in /tmp make a model's later runs on the same machine compile in seconds.
+  # Compilation takes 70-80 s per process on an idle GPU, 2-3 min beside other compiling jobs: keep WEAK_TIMEOUT
+  # (default 420) at 300 or more. torch.compile's caches in /tmp speed up later runs only once a run has finished
+  # compiling (a run cut mid-compilation leaves little behind).
   common=(logger=csv "paths.output_root=$root/outputs" data=synthetic data.num_images=8000 data.num_workers=6
           trainer.num_sanity_val_steps=0 trainer.val_check_interval=100000 trainer.limit_val_batches=0
           callbacks.throughput.every_n_batches=20 trainer.log_every_n_steps=20 callbacks.progress=null
