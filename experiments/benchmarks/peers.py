@@ -18,7 +18,7 @@ runs in try/except (a failure prints one line); variants are skipped once --budg
     # A/B of compiler and kernel settings, e.g. one process per setting on the GPUs of one machine:
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --inductor coordinate_descent_tuning=True
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --sdpa-off cudnn   # flash attention
-    python3 experiments/benchmarks/peers.py --only ae_train/ours-compiled --ae-group-norm layout-preserving
+    python3 experiments/benchmarks/peers.py --only ae_train/ours-compiled --ae-group-norm torch   # nn.GroupNorm
 
 diffusers is a benchmark-only dependency (the wheel is not in the project's requirements).
 """
@@ -398,9 +398,10 @@ def versions(device: torch.device) -> dict[str, Any]:
 SDPA_BACKENDS = ("cudnn", "flash", "mem_efficient", "math")
 
 
-def apply_settings(inductor: list[str], sdpa_off: list[str], ae_group_norm: str = "torch") -> None:
+def apply_settings(inductor: list[str], sdpa_off: list[str], ae_group_norm: str = "layout-preserving") -> None:
     """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error), --sdpa-off and
-    --ae-group-norm (the UNet's GroupNorm, same parameters and state dict, in our autoencoder instead of nn.GroupNorm)."""
+    --ae-group-norm (torch: nn.GroupNorm, same parameters and state dict, in our autoencoder instead of its
+    layout-keeping GroupNorm)."""
     import ast
 
     import torch._inductor.config as inductor_config
@@ -420,13 +421,12 @@ def apply_settings(inductor: list[str], sdpa_off: list[str], ae_group_norm: str 
         setattr(target, name, value)
     for backend in sdpa_off:
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
-    if ae_group_norm == "layout-preserving":
+    if ae_group_norm == "torch":
         import lightning_ldm.autoencoder.blocks as blocks
         import lightning_ldm.autoencoder.encoder_decoder as encoder_decoder
-        from lightning_ldm.unet.blocks import GroupNorm
 
         def normalize(channels: int) -> nn.GroupNorm:
-            return GroupNorm(32, channels, eps=1e-6)
+            return nn.GroupNorm(32, channels, eps=1e-6)
 
         blocks.Normalize = encoder_decoder.Normalize = normalize
 
@@ -477,8 +477,8 @@ def main() -> None:
                         help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")
     parser.add_argument("--sdpa-off", nargs="+", default=[], choices=SDPA_BACKENDS,
                         help="scaled_dot_product_attention backends to disable (cudnn: flash attention takes over)")
-    parser.add_argument("--ae-group-norm", choices=("torch", "layout-preserving"), default="torch",
-                        help="our autoencoder's GroupNorm: nn.GroupNorm (as built) or the UNet's layout-preserving one")
+    parser.add_argument("--ae-group-norm", choices=("layout-preserving", "torch"), default="layout-preserving",
+                        help="our autoencoder's GroupNorm: as built (layout-preserving when compiled) or nn.GroupNorm")
     args = parser.parse_args()
     apply_settings(args.inductor, args.sdpa_off, args.ae_group_norm)
     if args.steps is None:
