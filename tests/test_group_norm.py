@@ -40,6 +40,14 @@ def test_eps_enters_the_compiled_form():
     assert not torch.allclose(small.layout_preserving_forward(x), large.layout_preserving_forward(x), rtol=1e-2)
 
 
+def test_compiled_forward_falls_back_where_the_fast_form_does_not_apply():
+    """No affine parameters, or no spatial dimension: nn.GroupNorm's own path, compiled or not."""
+    compiled = torch.compile(lambda norm, t: norm(t), backend="aot_eager")
+    for norm, x in ((GroupNorm(4, 8, affine=False), torch.randn(2, 8, 3, 3)), (GroupNorm(4, 8), torch.randn(2, 8))):
+        torch._dynamo.reset()
+        torch.testing.assert_close(compiled(norm, x), torch.nn.GroupNorm.forward(norm, x))
+
+
 def test_the_compiled_autoencoder_uses_the_compiled_form_and_agrees_with_eager(monkeypatch):
     torch.manual_seed(0)
     model = Autoencoder(in_channels=3, **{**SMALL_PRESETS["kl-f2-small"], "resolution": 16}).eval()

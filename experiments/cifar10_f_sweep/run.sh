@@ -11,7 +11,7 @@
 # FD_EVERY_SECONDS (TRAIN_SECONDS / 6: FD every this much training time), FD_SAMPLES (5000), AE_MAX_TIME
 # (00:00:03:30: wall-clock cap of each stage-1 run), STAGE2_OVERRIDES (extra Hydra overrides for every stage-2
 # run, space-separated, e.g. "data.batch_size=512 module.lr=8e-4"), AE_OVERRIDES (the same for stage 1, e.g.
-# "loss.disc_start=100000": no discriminator), AE_NAME (the stage-1 run that ae-*, eval-ae-* and ldm-* use; default
+# "loss.disc_start=2000": the discriminator from batch 2000; the presets train without it), AE_NAME (the stage-1 run that ae-*, eval-ae-* and ldm-* use; default
 # ae-f2 / ae-f4), SKIP_INSTALL=1 (wheels already installed),
 # SMOKE=1 (a CPU check of every command line: tiny sizes, seconds per phase; results are meaningless).
 # Phases may run at once on different GPUs of one machine (experiments/parallel.sh): they share WORK, and a phase
