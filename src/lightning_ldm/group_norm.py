@@ -15,7 +15,8 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and self.affine and x.ndim >= 3:  # the networks' case: affine, (B, C, *spatial)
+        # The networks' case (affine, (B, C, *spatial)) takes the compiled form; anything else nn.GroupNorm's own.
+        if torch.compiler.is_compiling() and self.affine and x.ndim >= 3:
             return self.layout_preserving_forward(x)
         return super().forward(x)
 

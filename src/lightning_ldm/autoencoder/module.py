@@ -94,10 +94,11 @@ class AutoencoderModule(StepCountingModule):
         batch = getattr(self.trainer.datamodule, "batch_size", None)
         if self.trainer.is_global_zero:
             global_batch = f"{batch} x {world} device(s) x {self.accumulate_grad_batches} accumulation" if batch else "?"
-            adversarial = (f"discriminator off (disc_start {self.loss.disc_start} >= max_steps {self.max_steps})"
-                           if self.loss.disc_start >= self.max_steps else f"discriminator from batch {self.loss.disc_start}")
-            print(f"Stage 1: lr {self.lr:g} (absolute, not scaled by batch); global batch {global_batch}; {adversarial}; "
-                  f"LPIPS {'on' if self.loss.uses_lpips else 'off (perceptual_weight=0)'}")
+            disc_start = self.loss.disc_start
+            adversarial = (f"discriminator off (disc_start {disc_start} >= max_steps {self.max_steps})"
+                           if disc_start >= self.max_steps else f"discriminator from batch {disc_start}")
+            print(f"Stage 1: lr {self.lr:g} (absolute, not scaled by batch); global batch {global_batch}; "
+                  f"{adversarial}; LPIPS {'on' if self.loss.uses_lpips else 'off (perceptual_weight=0)'}")
 
     # ----------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
