@@ -29,6 +29,7 @@ def test_stage1_trains_on_two_processes_with_the_discriminator(ddp_runs):
                             weights_only=False)
     assert checkpoint["batch_step"] == 4 and len(checkpoint["rng_states"]) == 2  # one RNG state per rank
     assert (cwd / "outputs/autoencoder/ae/export/autoencoder.safetensors").is_file()
+    assert "Weights identical on all 2 ranks after 4 batches: autoencoder, discriminator" in stage1.stdout
 
 
 def test_stage2_trains_on_two_processes_with_one_scale_factor(ddp_runs):
@@ -38,6 +39,7 @@ def test_stage2_trains_on_two_processes_with_one_scale_factor(ddp_runs):
     scale = float(checkpoint["state_dict"]["first_stage.scale_factor"])
     assert f"scale_factor {scale:.5f} (identical on all 2 ranks)" in stage2.stdout
     assert checkpoint["batch_step"] == 4 and len(checkpoint["rng_states"]) == 2
+    assert "Weights identical on all 2 ranks after 4 batches: UNet, EMA" in stage2.stdout
     assert torch.isfinite(torch.stack([v.float().sum() for k, v in checkpoint["state_dict"].items()
                                        if k.startswith("ema.model.")])).all()
 
@@ -68,3 +70,63 @@ def test_the_ddp_preset_uses_that_strategy(compose):
     for trainer in ("ddp", "slurm"):
         cfg = compose("stage=diffusion", f"trainer={trainer}")
         assert isinstance(instantiate(cfg.trainer.strategy), DDPOnCurrentStreamStrategy), trainer
+
+
+def test_compiled_ddp_sets_how_dynamo_splits_graphs_for_ddp(monkeypatch):
+    import torch._dynamo
+
+    from lightning_ldm.training.ddp import DDPOnCurrentStreamStrategy
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # restored after the test
+    DDPOnCurrentStreamStrategy(compiled_ddp="no_optimization")
+    assert torch._dynamo.config.optimize_ddp == "no_optimization"
+    DDPOnCurrentStreamStrategy()
+    assert torch._dynamo.config.optimize_ddp == "ddp_optimizer"
+    with pytest.raises(ValueError, match="compiled_ddp must be"):
+        DDPOnCurrentStreamStrategy(compiled_ddp="python_reducer")
+
+
+def test_a_wrong_compiled_ddp_value_is_one_clear_config_error(tmp_path):
+    result = run_cli("stage=diffusion", "trainer=ddp", "trainer.strategy.compiled_ddp=sideways", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "compiled_ddp" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode, split", [("ddp_optimizer", True), ("no_optimization", False)])
+def test_compiled_ddp_decides_whether_a_compiled_network_is_split_at_gradient_buckets(tmp_path, monkeypatch, mode,
+                                                                                          split):
+    """The knob's effect, with DDP's real integration in torch.compile: one process of gloo, a network compiled
+    inside the DDP-wrapped module as the stages do, a bucket per layer, and a backend that counts graphs."""
+    import torch._dynamo
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_ldm.training.ddp import DDPOnCurrentStreamStrategy
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    DDPOnCurrentStreamStrategy(compiled_ddp=mode)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    class Wrapped(nn.Module):  # the LightningModule's place: it holds the compiled network
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)])
+
+        def forward(self, x):
+            return self.net(x)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        model = Wrapped()
+        model.net.compile(backend=counting_backend)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=1)  # 1 MB per layer's weight: a bucket each
+        ddp(torch.randn(4, 512)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+    assert (len(graphs) > 1) == split, len(graphs)
+    assert all(p.grad is not None for p in model.parameters())

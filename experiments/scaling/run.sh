@@ -3,7 +3,8 @@
 #   bash experiments/scaling/run.sh
 # 1. Same global batch on 1 and 2 GPUs, both stages, CIFAR-10 (GPU 0 | GPUs 1,2 in parallel): loss curves and the
 #    scale factor across ranks.  2. Weak scaling of the celebahq-ldm-vq-4 UNet (64x64x3 inputs, batch 48 per GPU)
-#    and the kl-f8 autoencoder (256x256, batch 12 per GPU) on 1, 2, 4 (, 8) GPUs; WEAK_RUNS picks runs.
+#    and the kl-f8 autoencoder (256x256, batch 12 per GPU) on 1, 2, 4 (, 8) GPUs; WEAK_RUNS picks runs (without
+#    it: what DDP costs per compile mode on one GPU, and eager DDP on 1, 2 and 4 GPUs).
 #    Metrics come back as flat CSVs in $OUT/csv.tgz. PHASES="correctness" or "weak" for one.
 set -uo pipefail
 [ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -50,8 +51,10 @@ fi
 
 if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
   # Weak scaling: a fixed per-GPU batch on synthetic inputs, each run capped at WEAK_TIMEOUT s. The whole default
-  # plan runs on one machine; WEAK_RUNS="<model>:<N>[:ddp] ..." picks runs (models ldm4, klf8; N GPUs from 0;
-  # N=1 runs trainer=gpu, 1:ddp trainer=ddp with one device) so parallel.sh can spread them over calls and GPUs.
+  # plan runs on one machine; WEAK_RUNS picks runs: steps one after another, each "<run>[+<run>...]" (runs at the
+  # same time), a run "[<tag>/]<model>:<N>[:ddp][@<gpus>]": models ldm4, klf8; N GPUs (N=1 runs trainer=gpu, 1:ddp
+  # trainer=ddp with one device) from CUDA_VISIBLE_DEVICES or the listed ones; the tag prefixes the run's name
+  # (e.g. "warm/ldm4:1": a second run once compile caches are warm) and TAG_<tag> adds that run's overrides.
   # Compilation takes 70-80 s per process on an idle GPU, 2-3 min beside other compiling jobs: keep WEAK_TIMEOUT
   # (default 420) at 300 or more. torch.compile's caches in /tmp speed up later runs only once a run has finished
   # compiling (a run cut mid-compilation leaves little behind).
@@ -59,8 +62,9 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
           trainer.num_sanity_val_steps=0 trainer.val_check_interval=100000 trainer.limit_val_batches=0
           callbacks.throughput.every_n_batches=20 trainer.log_every_n_steps=20 callbacks.progress=null
           +trainer.enable_progress_bar=false)
-  # celebahq-ldm-vq-4's UNet (274.1M) on its 64x64x3 latent shape through an identity first stage (cached latents).
-  ldm4=(stage=diffusion unet=ldm-4 autoencoder=identity data.image_size=64 data.batch_size=48 module.lr=9.6e-5
+  # celebahq-ldm-vq-4's UNet (274.1M) on its 64x64x3 latent shape through an identity first stage: the step of
+  # training on cached latents, without building a cache first (an identity encoder costs nothing per step).
+  ldm4=(stage=diffusion unet=ldm-4 autoencoder=identity module.cache_latents=false data.image_size=64 data.batch_size=48 module.lr=9.6e-5
         module.warmup_steps=0 module.ema_decay=0.9999 schedule.beta_start=0.0015 schedule.beta_end=0.0195
         module.num_log_images=0 max_steps=${WEAK_STEPS:-100} "${common[@]}")
   # The paper's kl-f8 first stage (83.7M; experiment=kl-f8 without its ImageNet folder) at 256x256, its batch of
@@ -70,30 +74,41 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
   klf8=(stage=autoencoder autoencoder=kl-f8 loss=lpips-gan module.lr=1.08e-4 data=synthetic data.image_size=256
         data.batch_size=12 module.accumulate_grad_batches=1 loss.disc_start=0 "loss.lpips_weights=$vgg" module.image_log_every=0 max_steps=${WEAK_STEPS_AE:-100} "${common[@]}")
   stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }
-  weak() {  # weak <model> <N> [ddp]: one run on the first N GPUs of CUDA_VISIBLE_DEVICES (or all GPUs)
-    local model=$1 n=$2 mode=${3:-} name start trainer; start=$(date +%s)
+  weak() {  # weak <model> <N> [ddp] [tag]: one run on the first N GPUs of CUDA_VISIBLE_DEVICES (or all GPUs)
+    local model=$1 n=$2 mode=${3:-} tag=${4:-} name start trainer; start=$(date +%s)
     if [ "$n" = 1 ] && [ "$mode" != ddp ]; then trainer=(trainer=gpu); name=$model-single-1gpu
     else trainer=(trainer=ddp "trainer.devices=$n"); name=$model-ddp-${n}gpu; fi
+    name=${tag:+$tag-}$name
     local -n overrides=$model
+    local tag_overrides="TAG_$tag"; local -a extra=(${!tag_overrides:-})  # TAG_<tag>="key=value ...": that run's own
     # -k: SIGTERM only asks for a checkpoint at the end of the batch (pre-emption); a run still compiling needs KILL
-    timeout -k 30 "${WEAK_TIMEOUT:-420}" python3 -m lightning_ldm "${overrides[@]}" "${trainer[@]}" run_name=$name 2>&1 \
+    timeout -k 30 "${WEAK_TIMEOUT:-420}" python3 -m lightning_ldm "${overrides[@]}" "${trainer[@]}" "${extra[@]}" run_name=$name 2>&1 \
       | quiet | stamp > "$OUT/csv/$name.log"
     case $model in ldm4) keep diffusion "$name" ;; *) keep autoencoder "$name" ;; esac
-    echo "$name: $(( $(date +%s) - start )) s"
+    echo "$(date +%T) $name: $(( $(date +%s) - start )) s"
   }
-  if [ -n "${WEAK_RUNS:-}" ]; then
-    for run in $WEAK_RUNS; do IFS=: read -r model n mode <<< "$run"; weak "$model" "$n" "$mode"; done
-  elif [ "$gpus" -ge 4 ]; then  # 1 GPU twice (without DDP; DDP with one device: its own cost) and 2 GPUs at
-    CUDA_VISIBLE_DEVICES=0 weak ldm4 1 &          # once on separate GPUs, then 4 (and 8) alone
-    CUDA_VISIBLE_DEVICES=1 weak ldm4 1 ddp &
-    CUDA_VISIBLE_DEVICES=2,3 weak ldm4 2 &
+  step() {  # step "<run>[+<run>...]": runs joined by + at the same time, each [<tag>/]<model>:<N>[:ddp][@<gpus>]
+    local run spec gpus tag model n mode
+    for run in ${1//+/ }; do
+      spec=${run%@*}; gpus=; [ "$spec" != "$run" ] && gpus=${run#*@}
+      tag=; [ "${spec#*/}" != "$spec" ] && { tag=${spec%%/*}; spec=${spec#*/}; }
+      IFS=: read -r model n mode <<< "$spec"
+      ( [ -n "$gpus" ] && export CUDA_VISIBLE_DEVICES=$gpus; weak "$model" "$n" "$mode" "$tag" ) &
+    done
     wait
-    weak ldm4 4
-    [ "$gpus" -ge 8 ] && weak ldm4 8
-    for n in 1 2 4; do weak klf8 $n; done
+  }
+  # Tags with their own overrides (see README "Fourth session"): how compile meets DDP, and eager DDP.
+  : "${TAG_whole:=trainer.strategy.compiled_ddp=no_optimization}" "${TAG_big:=+trainer.strategy.bucket_cap_mb=200}"
+  : "${TAG_eager:=module.compile=false}"
+  if [ -n "${WEAK_RUNS:-}" ]; then  # space-separated steps, one after another
+    for run in $WEAK_RUNS; do step "$run"; done
+  elif [ "$gpus" -ge 4 ]; then  # what DDP costs on one GPU without communication, per mode, all at once; then
+    step "ldm4:1@0+ldm4:1:ddp@1+whole/ldm4:1:ddp@2+big/ldm4:1:ddp@3"  # eager DDP, which compiles nothing
+    step "eager/ldm4:1@0+eager/ldm4:2@2,3"
+    step eager/ldm4:4
   else
-    weak ldm4 1; weak ldm4 1 ddp
-    [ "$gpus" -ge 2 ] && weak ldm4 2
+    step ldm4:1; step ldm4:1:ddp
+    [ "$gpus" -ge 2 ] && step ldm4:2
   fi
   python3 experiments/scaling/summarize.py "$root/outputs" | tee "$OUT/weak_scaling.md"
   tar -C "$OUT" -czf "$OUT/csv.tgz" csv

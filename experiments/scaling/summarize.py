@@ -2,6 +2,7 @@
 torch.compile and cuDNN warm-up), per GPU, efficiency = images/s on N GPUs / (N x images/s on 1 GPU), peak memory.
 
     python experiments/scaling/summarize.py <outputs root>  # expects <stage>/<model>-<variant>-<N>gpu/csv/metrics.csv
+    python experiments/scaling/summarize.py <folder>        # or the flat <model>-<variant>-<N>gpu.csv that run.sh returns
 
 Efficiency is given against the same variant on 1 GPU and against the fastest 1-GPU run of the same model (e.g.
 ldm4-ddp-2gpu against ldm4-single-1gpu, the UNet compiled whole without DDP): the honest baseline.
@@ -26,15 +27,17 @@ def windows(metrics_csv: Path) -> tuple[list[float], float]:
 
 def main(root: Path) -> None:
     runs: dict[str, dict[int, tuple[float, float, int]]] = {}
-    for metrics in sorted(root.glob("*/*/csv/metrics.csv")):
-        match = re.fullmatch(r"(.+)-(\d+)gpu", metrics.parents[1].name)
+    found = {m.parents[1].name: m for m in root.glob("*/*/csv/metrics.csv")} | {m.stem: m for m in root.glob("*.csv")}
+    for run_name, metrics in sorted(found.items()):
+        match = re.fullmatch(r"(.+)-(\d+)gpu", run_name)
         if not match:
             continue
         rates, memory = windows(metrics)
         if len(rates) >= 2:
             runs.setdefault(match[1], {})[int(match[2])] = (statistics.median(rates[1:]), memory, len(rates) - 1)
-    def model(name: str) -> str:
-        return name.split("-")[0]
+
+    def model(name: str) -> str:  # "[<tag>-]<model>-<variant>" -> "<model>"
+        return name.split("-")[-2]
 
     best: dict[str, float] = {}
     for name, by_n in runs.items():

@@ -82,6 +82,9 @@ class AutoencoderModule(StepCountingModule):
                 f"{self.autoencoder.config['in_channels']}"
             )
 
+    def replicated_networks(self) -> dict[str, torch.nn.Module]:
+        return {"autoencoder": self.autoencoder, "discriminator": self.loss.discriminator}
+
     def configure_optimizers(self):
         generator = list(self.autoencoder.parameters()) + list(self.loss.generator_parameters())
         # Fused: one kernel per optimizer, and it can skip a non-finite step on the device (nonfinite.py).

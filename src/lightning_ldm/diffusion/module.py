@@ -148,6 +148,9 @@ class DiffusionModule(StepCountingModule):
                   f"AdamW, {self.warmup_steps} warm-up steps); UNet {sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f}M "
                   f"parameters; latents {self.first_stage.latent_channels}x{self.latent_size}x{self.latent_size}")
 
+    def replicated_networks(self) -> dict[str, torch.nn.Module]:
+        return {"UNet": self.unet, "EMA": self.ema.model}
+
     def _scale_estimation_loader(self) -> DataLoader:
         """Each rank reads different training batches (a distributed sampler), so more ranks see more data."""
         datamodule = self.trainer.datamodule

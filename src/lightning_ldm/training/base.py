@@ -18,6 +18,7 @@ import torch.distributed as dist
 from lightning_ldm.errors import ConfigError, NonFiniteLossError
 from lightning_ldm.metrics.distributed import all_reduce
 from lightning_ldm.training.nonfinite import NonFiniteGuard
+from lightning_ldm.training.replicas import differing_across_ranks
 from lightning_ldm.training.rng import get_rng_states, set_rng_states
 
 
@@ -99,10 +100,30 @@ class StepCountingModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.stop_if_nonfinite(everything=True)  # a run that ended otherwise than at max_steps (signal, epochs)
+        self.check_replicas_agree(announce=True)
+
+    # ----------------------------------------------------------------------------------------- DDP replicas
+    def replicated_networks(self) -> dict[str, torch.nn.Module]:
+        """The networks DDP must keep identical on every rank; checked at each validation and at the end."""
+        return {}
+
+    def check_replicas_agree(self, announce: bool = False) -> None:
+        world = self.trainer.world_size
+        networks = self.replicated_networks()
+        if world == 1 or not networks:
+            return
+        differing = differing_across_ranks(networks, self.device)
+        if differing:
+            raise RuntimeError(f"{', '.join(differing)} weights differ across the {world} ranks at batch "
+                               f"{self.batch_step}: the replicas diverged (checkpoints hold rank 0's)")
+        if announce and self.trainer.is_global_zero:
+            print(f"Weights identical on all {world} ranks after {self.batch_step} batches: {', '.join(networks)}")
 
     # Validation (posterior samples, sample grids, FID) must not shift the training noise stream: then a run's
     # training does not depend on how often it validates, and a resumed run matches an uninterrupted one.
     def on_validation_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.check_replicas_agree()
         self._rng_before_validation = get_rng_states()
         self._synchronize()
         self._validation_start = time.perf_counter()

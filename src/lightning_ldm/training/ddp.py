@@ -1,4 +1,5 @@
-"""The DDP strategy of ``trainer=ddp``: Lightning's, with the model wrapped on the stream that trains it.
+"""The DDP strategy of ``trainer=ddp``: Lightning's, with the model wrapped on the stream that trains it, and a
+choice of how torch.compile meets DDP's gradient all-reduce.
 
 Lightning 2.6 builds ``DistributedDataParallel`` inside a fresh side stream (meant for capturing whole
 iterations in CUDA graphs, which we do not do). DDP keeps references to the parameters' AccumulateGrad nodes
@@ -6,13 +7,32 @@ it creates there, so every backward pass then accumulates gradients produced on 
 bound to the side stream: PyTorch warns "The AccumulateGrad node's stream does not match ..." on each rank and
 synchronises the two streams for every parameter. Wrapping on the current stream, as plain PyTorch DDP does,
 removes both (the fix Lightning merged upstream later, pytorch-lightning#21746).
+
+``compiled_ddp`` is torch._dynamo's ``optimize_ddp`` for the networks compiled inside the DDP-wrapped module:
+"ddp_optimizer" (PyTorch's default) splits each compiled graph at DDP's bucket boundaries, so a bucket's
+all-reduce can start while the rest of the backward pass runs, at the price of smaller graphs that fuse less;
+"no_optimization" keeps one graph per network and all-reduces after its backward pass. Which one wins is a
+measurement (experiments/scaling/README.md).
 """
 
+from typing import Literal
+
+import torch._dynamo
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 
+CompiledDDP = Literal["ddp_optimizer", "no_optimization"]
+
 
 class DDPOnCurrentStreamStrategy(DDPStrategy):
+    def __init__(self, *args, compiled_ddp: CompiledDDP = "ddp_optimizer", **kwargs) -> None:
+        if compiled_ddp not in ("ddp_optimizer", "no_optimization"):
+            raise ValueError(f"compiled_ddp must be 'ddp_optimizer' or 'no_optimization', got {compiled_ddp!r}")
+        super().__init__(*args, **kwargs)
+        self.compiled_ddp = compiled_ddp
+        # Process-wide: every rank builds this strategy from the same config before anything is compiled.
+        torch._dynamo.config.optimize_ddp = compiled_ddp
+
     def _setup_model(self, model: Module) -> DistributedDataParallel:
         return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
