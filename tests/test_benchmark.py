@@ -62,3 +62,35 @@ def test_synthetic_images_are_reproducible_varied_and_labelled():
     labels = [data.train_dataset[i]["label"] for i in range(len(data.train_dataset))]
     assert set(labels) <= {0, 1, 2, 3} and len(set(labels)) == 4
     assert len(data.train_dataset) + len(data.val_dataset) == 40
+
+
+def test_rows_pick_what_is_timed_and_the_json_keeps_every_row_finished_before_a_failure(compose, tmp_path,
+                                                                                         monkeypatch):
+    import lightning_ldm.tasks.benchmark as task
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(task, "measure_sampling", fails)
+    out = tmp_path / "bench.json"
+    cfg = compose("stage=benchmark", "unet=tiny", "autoencoder.regularizer=kl", "autoencoder.downsampling_factor=2",
+                  "data.batch_size=2", "benchmark.rows=[cached,sampling]", f"benchmark.output={out}", *TINY)
+    from hydra import initialize_config_dir
+
+    from lightning_ldm.cli import CONFIG_DIR
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):  # benchmark composes the stage
+        with pytest.raises(RuntimeError, match="out of memory"):
+            task.benchmark(cfg)
+    report = json.loads(out.read_text())
+    assert [row["name"] for row in report["rows"]] == ["stage 2: cached latents"]  # on_the_fly was not asked for
+    assert "cached_over_on_the_fly" not in report
+
+
+def test_a_sampler_that_does_not_exist_fails_before_anything_is_timed(tmp_path):
+    result = run_cli("stage=benchmark", "benchmark.sampler=euler_magic", *TINY, cwd=tmp_path)
+    assert_one_line_error(result, "benchmark.sampler", "dpmpp_2m")
+
+
+def test_an_unknown_row_is_one_clear_error(tmp_path):
+    result = run_cli("stage=benchmark", "benchmark.stage=autoencoder", "benchmark.rows=[cached]", *TINY, cwd=tmp_path)
+    assert_one_line_error(result, "benchmark.rows", "discriminator_off")

@@ -85,8 +85,8 @@ class BenchmarkConfig:
     steps: int = 20
     repeats: int = 3
     compile: Optional[bool] = None
-    on_the_fly: bool = True
-    sampler: str = "dpmpp_2m"
+    rows: Optional[list[str]] = None
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "dpmpp_2m"
     sample_steps: int = 20
     sample_batch_size: int = 256
     sample_repeats: int = 3

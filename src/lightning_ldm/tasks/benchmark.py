@@ -30,6 +30,9 @@ from lightning_ldm.data.synthetic import SyntheticDataModule
 from lightning_ldm.errors import ConfigError, MissingWeightsError
 
 
+CACHED, ON_THE_FLY = "stage 2: cached latents", "stage 2: encoding on the fly"
+
+
 @dataclass
 class Row:
     name: str
@@ -217,14 +220,21 @@ def measure_sampling(module, options: DictConfig, device: torch.device, peak_tfl
 
 
 # ------------------------------------------------------------------------------------------------ the task
+ROWS = {"diffusion": ("cached", "on_the_fly", "sampling"), "autoencoder": ("discriminator_off", "discriminator_on")}
+
+
 def benchmark(cfg: DictConfig) -> dict:
     options = cfg.benchmark
     # Each row is a Trainer of its own: its start-up banners would bury the table.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     target = target_config(cfg)
     stage = target.task.name
-    if stage not in ("autoencoder", "diffusion"):
+    if stage not in ROWS:
         raise ConfigError(f"benchmark: the preset trains stage={stage}; benchmark.stage must be autoencoder or diffusion")
+    wanted = list(options.rows) if options.rows is not None else list(ROWS[stage])
+    unknown = [row for row in wanted if row not in ROWS[stage]]
+    if unknown or not wanted:
+        raise ConfigError(f"benchmark.rows={wanted}: stage {stage} has the rows {list(ROWS[stage])}")
     with open_dict(target):
         if options.compile is not None:
             target.module.compile = options.compile
@@ -246,7 +256,25 @@ def benchmark(cfg: DictConfig) -> dict:
                                    channels=target.data.channels, num_classes=num_classes, batch_size=batch,
                                    num_workers=options.num_workers, val_fraction=0.0, seed=0)
 
-    rows: list[Row] = []
+    result = {
+        "stage": stage, "experiment": target.get("experiment_name"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "lightning": L.__version__, "precision": precision,
+        "compile": target.module.get("compile") if target.module.get("compile") is not None else device.type == "cuda",
+        "bf16_matmul_tflops": round(peak, 1) if peak else None,
+        "image_size": target.data.image_size, "rows": [],
+    }
+    output = Path(options.output or Path(cfg.paths.run_dir) / "benchmark.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(row: Row) -> None:  # written after every row: a run stopped half-way keeps what it measured
+        result["rows"].append(asdict(row))
+        rates = {r["name"]: r["images_per_sec"] for r in result["rows"]}
+        if CACHED in rates and ON_THE_FLY in rates:
+            result["cached_over_on_the_fly"] = round(rates[CACHED] / rates[ON_THE_FLY], 3)
+        output.write_text(json.dumps(result, indent=2))
+        print(f"{row.name}: {row.images_per_sec} images/s", flush=True)
+
     scratch = Path(tempfile.mkdtemp(prefix="ldm-benchmark-"))
     if stage == "diffusion":
         first_stage = random_first_stage(target.autoencoder, target.data)
@@ -261,16 +289,15 @@ def benchmark(cfg: DictConfig) -> dict:
             return build
 
         latent_note = f"first stage {first_stage.source or first_stage.regularizer}"
-        # The cache holds one latent per image: a small set of images, re-read every epoch, is the same work.
-        rows.append(measure_training("stage 2: cached latents", diffusion_module(True), data(4 * batch),
+        for row in wanted:
+            if row == "cached":  # the cache holds one latent per image: a small set re-read every epoch, same work
+                add(measure_training(CACHED, diffusion_module(True), data(4 * batch), trainer_options, options,
+                                     peak, scratch, latent_note))
+            elif row == "on_the_fly" and first_stage.autoencoder is not None:  # an identity stage has no encoder
+                add(measure_training(ON_THE_FLY, diffusion_module(False), data(min(images_needed, 2048)),
                                      trainer_options, options, peak, scratch, latent_note))
-        if first_stage.autoencoder is not None and options.on_the_fly:
-            rows.append(measure_training("stage 2: encoding on the fly", diffusion_module(False),
-                                         data(min(images_needed, 2048)), trainer_options, options, peak, scratch,
-                                         latent_note))
-        if options.sample_batch_size:
-            module = diffusion_module(False)()
-            rows.append(measure_sampling(module, options, device, peak))
+            elif row == "sampling":
+                add(measure_sampling(diffusion_module(False)(), options, device, peak))
     else:
         note = ""
         with open_dict(target):
@@ -292,24 +319,12 @@ def benchmark(cfg: DictConfig) -> dict:
             return build
 
         train_data = data(min(images_needed, 2048))
-        rows.append(measure_training("stage 1: autoencoder, discriminator off", autoencoder_module(10**9), train_data,
-                                     trainer_options, options, peak, scratch, note))
-        rows.append(measure_training("stage 1: autoencoder + discriminator", autoencoder_module(0), train_data,
-                                     trainer_options, options, peak, scratch, note))
+        for row in wanted:
+            active = row == "discriminator_on"
+            name = "stage 1: autoencoder + discriminator" if active else "stage 1: autoencoder, discriminator off"
+            add(measure_training(name, autoencoder_module(0 if active else 10**9), train_data, trainer_options,
+                                 options, peak, scratch, note))
 
-    result = {
-        "stage": stage, "experiment": target.get("experiment_name"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "lightning": L.__version__, "precision": precision,
-        "compile": target.module.get("compile") if target.module.get("compile") is not None else device.type == "cuda",
-        "bf16_matmul_tflops": round(peak, 1) if peak else None,
-        "image_size": target.data.image_size, "rows": [asdict(row) for row in rows],
-    }
-    if len(rows) >= 2 and stage == "diffusion" and rows[1].name.endswith("on the fly"):
-        result["cached_over_on_the_fly"] = round(rows[0].images_per_sec / rows[1].images_per_sec, 3)
-    output = Path(options.output or Path(cfg.paths.run_dir) / "benchmark.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
     print(format_table(result))
     print(f"Benchmark written to {output}")
     return result
