@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Issue "Performance" on one GPU, one device call per part (repo root; carry .whl and .unetbench/whl). Flat files
-# in $OUT. The peers and ours run in the same call, so their ratio is measured on one machine.
-#   PART=unet bash experiments/benchmarks/run_perf.sh   # LDM-4 UNet vs diffusers; stage=benchmark celebahq-ldm-vq-4
-#   PART=ae   bash experiments/benchmarks/run_perf.sh   # kl-f4 vs diffusers AutoencoderKL; stage=benchmark kl-f4
+# Issue "Performance" on one GPU per part (repo root; carry .whl and .unetbench/whl). Flat files in $OUT. The
+# peers and ours run in the same call, so their ratio is measured on one machine. One part per GPU at once:
+#   bash experiments/parallel.sh "unet@0: PART=unet bash experiments/benchmarks/run_perf.sh" \
+#     "ae@1: PART=ae bash experiments/benchmarks/run_perf.sh" "sample@2: PART=sample bash ..." "train@3: PART=train bash ..."
+# Parts:
+#   unet    peers.py: our LDM-4 UNet training step against diffusers' UNet2DModel, both compiled, then eager
+#   unet-cd peers.py: ours compiled with inductor's coordinate-descent tuning of kernel configurations
+#   ae      peers.py: the kl-f4 pair (training step and decoder), ours and diffusers', compiled and eager, and ours
+#           with nn.GroupNorm in place of the layout-keeping form
+#   sample  stage=benchmark celebahq-ldm-vq-4, sampling row (20 dpmpp_2m steps + decode, batch 128)
+#   train   stage=benchmark celebahq-ldm-vq-4, cached and on-the-fly rows; then stage=benchmark kl-f4 (batch 8)
+# LIMIT_S caps each part (default 540).
 set -uo pipefail
 part=${PART:-unet}
 [ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -12,14 +20,31 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, lightning, diffusers; print('torch', torch.__version__, 'lightning', lightning.__version__, 'diffusers', diffusers.__version__)"
-if [ "$part" = unet ]; then groups=(unet_train); experiment=celebahq-ldm-vq-4; extra=()
-else groups=(ae_train ae_decode); experiment=kl-f4; extra=(benchmark.batch_size=8); fi  # the issue's batch 8
-start=$(date +%s)
-timeout ${PEERS_S:-260} python3 experiments/benchmarks/peers.py --only "${groups[@]}" --steps 15 --warmup 3 \
-  --budget-s $(( ${PEERS_S:-260} - 10 )) --out "$OUT/peers-$part.json" > "$OUT/peers-$part.log" 2>&1
-echo "peers: $(( $(date +%s) - start )) s"; tail -8 "$OUT/peers-$part.log"
-start=$(date +%s)
-timeout ${BENCH_S:-300} python3 -m lightning_ldm stage=benchmark experiment=$experiment data.root=unused logger=none \
-  benchmark.warmup=8 benchmark.steps=10 benchmark.repeats=3 benchmark.sample_batch_size=128 benchmark.sample_repeats=2 \
-  benchmark.output="$OUT/benchmark-$experiment.json" "paths.output_root=/tmp/bench" "${extra[@]}" > "$OUT/benchmark-$part.log" 2>&1
-echo "benchmark stage: $(( $(date +%s) - start )) s"; grep -v "it/s\]\|LOCAL_RANK" "$OUT/benchmark-$part.log" | tail -8
+limit=${LIMIT_S:-540}
+end=$(( $(date +%s) + limit ))
+left() { echo $(( end - $(date +%s) )); }
+peers() {  # peers <name> <peers.py arguments...>: one process, its JSON rewritten after every variant
+  local name=$1; shift
+  timeout "$(left)" python3 experiments/benchmarks/peers.py --steps 20 --warmup 3 --budget-s $(( $(left) - 10 )) \
+    --out "$OUT/peers-$name.json" "$@" > "$OUT/peers-$name.log" 2>&1
+  echo "peers $name: rc $?"; tail -8 "$OUT/peers-$name.log"
+}
+bench() {  # bench <name> <overrides...>: stage=benchmark, its JSON written after every row
+  local name=$1; shift
+  timeout "$(left)" python3 -m lightning_ldm stage=benchmark data.root=unused logger=none benchmark.warmup=8 \
+    benchmark.steps=10 benchmark.repeats=3 benchmark.output="$OUT/benchmark-$name.json" "paths.output_root=/tmp/bench" \
+    "$@" > "$OUT/benchmark-$name.log" 2>&1
+  echo "benchmark $name: rc $?"; grep -v "it/s\]\|LOCAL_RANK" "$OUT/benchmark-$name.log" | tail -8
+}
+case $part in
+  unet) peers unet --only unet_train/ours-compiled unet_train/diffusers-compiled unet_train/ours-eager \
+          unet_train/diffusers-eager ;;
+  unet-cd) peers unet-cd --only unet_train/ours-compiled --inductor coordinate_descent_tuning=True ;;
+  ae) peers ae --only ae_train ae_decode
+      peers ae-torch-gn --only ae_train/ours-compiled --ae-group-norm torch ;;
+  sample) bench sample experiment=celebahq-ldm-vq-4 "benchmark.rows=[sampling]" benchmark.sample_batch_size=128 \
+            benchmark.sample_repeats=2 ;;
+  train) bench ldm4 experiment=celebahq-ldm-vq-4 "benchmark.rows=[cached,on_the_fly]"
+         bench kl-f4 experiment=kl-f4 benchmark.batch_size=8 ;;
+  *) echo "PART must be unet, unet-cd, ae, sample or train"; exit 2 ;;
+esac
