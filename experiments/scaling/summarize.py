@@ -2,7 +2,7 @@
 torch.compile and cuDNN warm-up), per GPU, efficiency = images/s on N GPUs / (N x images/s on 1 GPU), peak memory.
 
     python experiments/scaling/summarize.py <outputs root>  # expects <stage>/<model>-<variant>-<N>gpu/csv/metrics.csv
-    python experiments/scaling/summarize.py <folder>        # or the flat <model>-<variant>-<N>gpu.csv that run.sh returns
+    python experiments/scaling/summarize.py <folder>        # or the flat <model>-<variant>-<N>gpu.csv of run.sh
 
 Efficiency is given against the same variant on 1 GPU and against the fastest 1-GPU run of the same model (e.g.
 ldm4-ddp-2gpu against ldm4-single-1gpu, the UNet compiled whole without DDP): the honest baseline.

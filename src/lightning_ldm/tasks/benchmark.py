@@ -220,7 +220,8 @@ def measure_sampling(module, options: DictConfig, device: torch.device, peak_tfl
 
 
 # ------------------------------------------------------------------------------------------------ the task
-ROWS = {"diffusion": ("cached", "on_the_fly", "sampling"), "autoencoder": ("discriminator_off", "discriminator_on")}
+ROWS = {"diffusion": ("cached", "on_the_fly", "sampling"),
+        "autoencoder": ("discriminator_off", "discriminator_on")}
 
 
 def benchmark(cfg: DictConfig) -> dict:
