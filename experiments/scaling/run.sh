@@ -102,10 +102,11 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
   : "${TAG_eager:=module.compile=false}"
   if [ -n "${WEAK_RUNS:-}" ]; then  # space-separated steps, one after another
     for run in $WEAK_RUNS; do step "$run"; done
-  elif [ "$gpus" -ge 4 ]; then  # what DDP costs on one GPU without communication, per mode, all at once; then
-    step "ldm4:1@0+ldm4:1:ddp@1+whole/ldm4:1:ddp@2+big/ldm4:1:ddp@3"  # eager DDP, which compiles nothing
-    step "eager/ldm4:1@0+eager/ldm4:2@2,3"
+  elif [ "$gpus" -ge 4 ]; then  # what DDP costs on one GPU without communication, per mode, all at once, then
+    step "ldm4:1@0+ldm4:1:ddp@1+whole/ldm4:1:ddp@2+big/ldm4:1:ddp@3"  # eager DDP (compiles nothing), then
+    step "eager/ldm4:1@0+eager/ldm4:2@2,3"                            # the DDP cost per mode for kl-f8
     step eager/ldm4:4
+    step "klf8:1@0+klf8:1:ddp@1+whole/klf8:1:ddp@2+big/klf8:1:ddp@3"
   else
     step ldm4:1; step ldm4:1:ddp
     [ "$gpus" -ge 2 ] && step ldm4:2
