@@ -1,6 +1,7 @@
-"""How many graphs torch.compile makes of the LDM-4 UNet under DDP, per ``compiled_ddp`` mode and bucket size.
+"""How many graphs torch.compile makes of a network under DDP, per ``compiled_ddp`` mode and bucket size.
 
-    python experiments/scaling/count_ddp_graphs.py ddp_optimizer 25    # mode, DDP bucket_cap_mb (DDP's default 25)
+    python experiments/scaling/count_ddp_graphs.py ddp_optimizer 25          # mode, bucket_cap_mb (DDP's default 25)
+    python experiments/scaling/count_ddp_graphs.py ddp_optimizer 25 kl-f8    # the kl-f8 autoencoder (default ldm-4)
 
 On the CPU, with one gloo process and a backend that only counts the graphs it is handed (no code generation): the
 splitting depends on the parameters and the bucket size, not on the device. One forward and backward of batch 1.
@@ -19,19 +20,30 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_ldm.training.ddp import DDPOnCurrentStreamStrategy
 
-UNET_CONFIG = Path(__file__).resolve().parents[2] / "conf/unet/ldm-4.yaml"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
-class Holder(torch.nn.Module):  # the LightningModule's place: DDP wraps it, the network inside is compiled
-    def __init__(self, unet: torch.nn.Module) -> None:
+class Holder(torch.nn.Module):  # the LightningModule's place: DDP wraps it, the networks inside are compiled
+    def __init__(self, model: str, backend) -> None:
         super().__init__()
-        self.unet = unet
+        self.model = model
+        if model == "ldm-4":
+            self.net = instantiate(OmegaConf.load(CONF / "unet/ldm-4.yaml"))(in_channels=3)
+            self.net.compile(backend=backend)
+        else:  # compiled as stage 1 compiles it: the encoder, and the decoder without its last conv
+            config = OmegaConf.create({"data": {"channels": 3, "image_size": 256},
+                                       "net": OmegaConf.load(CONF / f"autoencoder/{model}.yaml")})
+            self.net = instantiate(config.net)
+            self.net.encoder.compile(backend=backend)
+            self.net.decoder.features = torch.compile(self.net.decoder.features, backend=backend)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model == "ldm-4":
+            return self.net(x, torch.tensor([10]))
+        return self.net(x, sample_posterior=False).reconstruction
 
 
-def main(mode: str, bucket_cap_mb: float) -> None:
+def main(mode: str, bucket_cap_mb: float, model: str) -> None:
     DDPOnCurrentStreamStrategy(compiled_ddp=mode)  # sets torch._dynamo.config.optimize_ddp as a run would
     graphs: list[int] = []
 
@@ -42,16 +54,15 @@ def main(mode: str, bucket_cap_mb: float) -> None:
     with tempfile.TemporaryDirectory() as rendezvous:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}/file", rank=0, world_size=1)
         try:
-            holder = Holder(instantiate(OmegaConf.load(UNET_CONFIG))(in_channels=3))
-            holder.unet.compile(backend=counting_backend)
+            holder = Holder(model, counting_backend)
             ddp = DistributedDataParallel(holder, bucket_cap_mb=bucket_cap_mb)
-            ddp(torch.randn(1, 3, 64, 64), torch.tensor([10])).float().sum().backward()
+            ddp(torch.randn(1, 3, 64, 64)).float().sum().backward()
         finally:
             dist.destroy_process_group()
     megabytes = sum(p.numel() * p.element_size() for p in holder.parameters()) / 1e6
-    print(f"compiled_ddp={mode} bucket_cap_mb={bucket_cap_mb:g}: {len(graphs)} graph(s) of {graphs} operations "
+    print(f"{model}, compiled_ddp={mode} bucket_cap_mb={bucket_cap_mb:g}: {len(graphs)} graph(s) of {graphs} operations "
           f"({megabytes:.0f} MB of parameters)")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], float(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "ldm-4")
