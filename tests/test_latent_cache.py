@@ -81,6 +81,51 @@ def test_cache_contents_match_encoding_the_training_images(tmp_path):
     assert torch.equal(again.mean, dataset.mean)
 
 
+def test_the_cache_is_encoded_through_the_datas_loader_workers_in_order(tmp_path, monkeypatch):
+    import lightning_ldm.latent.cache as cache
+
+    used = []
+    encode = cache.encode_dataset
+    monkeypatch.setattr(cache, "encode_dataset", lambda *args, **kwargs: used.append(kwargs["num_workers"]) or
+                        encode(*args, **kwargs))
+    caches = []
+    for workers in (0, 2):
+        data = FewDigits(every=50, batch_size=8, num_workers=workers)
+        data.setup()
+        first_stage = load_first_stage(path=str(make_export(tmp_path / "export/autoencoder.safetensors", data)))
+        dataset, _ = load_or_build_cache(first_stage, data, tmp_path / f"cache{workers}", torch.device("cpu"),
+                                         is_global_zero=True, barrier=no_barrier)
+        caches.append(dataset)
+    assert used == [0, 2]
+    assert torch.equal(caches[0].mean, caches[1].mean) and torch.equal(caches[0].labels, caches[1].labels)
+
+
+def test_an_image_that_fails_to_decode_in_a_worker_is_one_line_while_caching(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lightning_ldm.data.folder import ImageFolderDataModule
+    from lightning_ldm.errors import DataError
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(tmp_path / f"{i}.png")
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), "L").save(buffer, "JPEG")
+    (tmp_path / "broken.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # the header passes
+    data = ImageFolderDataModule(root=str(tmp_path), use_labels=False, image_size=16, channels=1, batch_size=4,
+                                 val_fraction=0.0, num_workers=2)
+    data.setup()
+    first_stage = load_first_stage(path=str(make_export(tmp_path / "export/autoencoder.safetensors", data)))
+    with pytest.raises(DataError) as caught:
+        load_or_build_cache(first_stage, data, tmp_path / "cache", torch.device("cpu"), is_global_zero=True,
+                            barrier=no_barrier)
+    message = str(caught.value)
+    assert message.startswith("cannot decode image ") and "broken.jpg" in message and "\n" not in message
+
+
 def test_with_flips_the_cache_holds_the_encoded_mirror_images(tmp_path):
     data = FewDigits(every=50, batch_size=8, flip=True)
     data.setup()

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from lightning_ldm.data.base import ImageDataLoader
 
 CACHE_VERSION = 1
 
@@ -74,8 +76,9 @@ def encode_dataset(first_stage, dataset: Dataset, *, flip: bool, batch_size: int
     if hasattr(unflipped, "flip"):
         unflipped.flip = False  # the mirror images are encoded explicitly below
     # Its own generator: whether the cache had to be built must not change the training noise that follows.
-    loader = DataLoader(unflipped, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(0))
+    # ImageDataLoader: a corrupt image met in a worker is reported as the data's one-line error, as in training.
+    loader = ImageDataLoader(unflipped, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                             generator=torch.Generator().manual_seed(0))
     parts: dict[str, list] = {"mean": [], "std": [], "labels": [], "mean_flipped": [], "std_flipped": []}
     for batch in tqdm(loader, desc="Encoding the training set into the latent cache", leave=False):
         images = batch["image"].to(device)
@@ -98,8 +101,11 @@ def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.
     path = Path(cache_dir) / f"latents-{key}.pt"
     if is_global_zero and not path.is_file():
         print(f"Latent cache: encoding {len(datamodule.train_dataset)} training images -> {path}")
+        # The data's own loader workers decode the images: in the main process, decoding a large dataset would take
+        # hours, and the main process's many intra-op threads fight every other process on the node for the CPUs.
         cache = encode_dataset(first_stage, datamodule.train_dataset, flip=bool(getattr(datamodule, "flip", False)),
-                               batch_size=max(64, datamodule.batch_size), device=device)
+                               batch_size=max(64, datamodule.batch_size), device=device,
+                               num_workers=getattr(datamodule, "num_workers", 0))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         torch.save(cache, tmp)
