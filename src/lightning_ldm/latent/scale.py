@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from lightning_ldm.metrics.distributed import all_reduce
+from lightning_ldm.metrics.distributed import all_reduce, min_max_over_ranks
 
 
 def latent_moments(latents: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -50,6 +50,5 @@ def estimate_scale_factor(batches: Iterable, encode: Callable[[dict], torch.Tens
 
 def ranks_agree(value: float, device: torch.device) -> tuple[float, float]:
     """(min, max) of ``value`` over all ranks: equal when every rank trains on the same latent scale."""
-    both = all_reduce(torch.tensor([value, -value], dtype=torch.float64), dist.ReduceOp.MIN, device)
-    low, negative_high = both.tolist()
-    return low, -negative_high
+    low, high = min_max_over_ranks(torch.tensor([value], dtype=torch.float64), device)
+    return float(low), float(high)

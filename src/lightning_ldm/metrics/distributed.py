@@ -29,6 +29,13 @@ def all_reduce(values: torch.Tensor, op: dist.ReduceOp, device: torch.device) ->
     return values.cpu()
 
 
+def min_max_over_ranks(values: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise (min, max) of ``values`` over all ranks, in one collective (a MIN over [v, -v])."""
+    both = all_reduce(torch.cat([values, -values]), dist.ReduceOp.MIN, device)
+    low, negative_high = both.chunk(2)
+    return low, -negative_high
+
+
 def shard(count: int, rank: int, world: int) -> range:
     """Contiguous block of range(count) for ``rank``; sizes differ by at most one."""
     return range(count * rank // world, count * (rank + 1) // world)

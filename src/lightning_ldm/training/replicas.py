@@ -7,10 +7,9 @@ Buffers are left out: BatchNorm statistics differ between ranks without SyncBatc
 """
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from lightning_ldm.metrics.distributed import all_reduce
+from lightning_ldm.metrics.distributed import min_max_over_ranks
 
 
 def parameter_checksum(module: nn.Module) -> torch.Tensor:
@@ -26,7 +25,6 @@ def parameter_checksum(module: nn.Module) -> torch.Tensor:
 def differing_across_ranks(modules: dict[str, nn.Module], device: torch.device) -> list[str]:
     """Names of the modules whose parameters are not the same on every rank (none without a process group)."""
     sums = torch.stack([parameter_checksum(module) for module in modules.values()]).flatten()
-    low = all_reduce(sums.clone(), dist.ReduceOp.MIN, device)
-    high = all_reduce(sums.clone(), dist.ReduceOp.MAX, device)
+    low, high = min_max_over_ranks(sums, device)
     differs = (low != high).view(len(modules), 2).any(1).tolist()
     return [name for name, differ in zip(modules, differs) if differ]
