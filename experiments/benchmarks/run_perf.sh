@@ -2,12 +2,14 @@
 # Issue "Performance" on one GPU per part (repo root; carry .whl and .unetbench/whl). Flat files in $OUT. The
 # peers and ours run in the same call, so their ratio is measured on one machine. One part per GPU at once:
 #   bash experiments/parallel.sh "unet@0: PART=unet bash experiments/benchmarks/run_perf.sh" \
-#     "ae@1: PART=ae bash experiments/benchmarks/run_perf.sh" "sample@2: PART=sample bash ..." "train@3: PART=train bash ..."
-# Parts:
+#     "ae@1: PART=ae bash experiments/benchmarks/run_perf.sh" "sample@2: PART='sample ae-gn' bash ..." \
+#     "train@3: PART=train bash ..."
+# Parts (PART may list several, run one after another):
 #   unet    peers.py: our LDM-4 UNet training step against diffusers' UNet2DModel, both compiled, then eager
 #   unet-cd peers.py: ours compiled with inductor's coordinate-descent tuning of kernel configurations
-#   ae      peers.py: the kl-f4 pair (training step and decoder), ours and diffusers', compiled and eager, and ours
-#           with nn.GroupNorm in place of the layout-keeping form
+#   ae      peers.py: the kl-f4 pair's training step, ours and diffusers', compiled and eager
+#   ae-gn   peers.py: ours compiled with nn.GroupNorm in place of the layout-keeping form (the A/B of group_norm.py)
+#   ae-dec  peers.py: the kl-f4 decoder alone (sampling's decode), ours and diffusers', compiled and eager
 #   sample  stage=benchmark celebahq-ldm-vq-4, sampling row (20 dpmpp_2m steps + decode, batch 128)
 #   train   stage=benchmark celebahq-ldm-vq-4, cached and on-the-fly rows; then stage=benchmark kl-f4 (batch 8)
 # LIMIT_S caps each part (default 540).
@@ -36,15 +38,16 @@ bench() {  # bench <name> <overrides...>: stage=benchmark, its JSON written afte
     "$@" > "$OUT/benchmark-$name.log" 2>&1
   echo "benchmark $name: rc $?"; grep -v "it/s\]\|LOCAL_RANK" "$OUT/benchmark-$name.log" | tail -8
 }
-case $part in
+for part in $part; do case $part in
   unet) peers unet --only unet_train/ours-compiled unet_train/diffusers-compiled unet_train/ours-eager \
           unet_train/diffusers-eager ;;
   unet-cd) peers unet-cd --only unet_train/ours-compiled --inductor coordinate_descent_tuning=True ;;
-  ae) peers ae --only ae_train ae_decode
-      peers ae-torch-gn --only ae_train/ours-compiled --ae-group-norm torch ;;
+  ae) peers ae --only ae_train ;;
+  ae-gn) peers ae-torch-gn --only ae_train/ours-compiled --ae-group-norm torch ;;
+  ae-dec) peers ae-dec --only ae_decode ;;
   sample) bench sample experiment=celebahq-ldm-vq-4 "benchmark.rows=[sampling]" benchmark.sample_batch_size=128 \
             benchmark.sample_repeats=2 ;;
   train) bench ldm4 experiment=celebahq-ldm-vq-4 "benchmark.rows=[cached,on_the_fly]"
          bench kl-f4 experiment=kl-f4 benchmark.batch_size=8 ;;
-  *) echo "PART must be unet, unet-cd, ae, sample or train"; exit 2 ;;
-esac
+  *) echo "PART must list unet, unet-cd, ae, ae-gn, ae-dec, sample or train"; exit 2 ;;
+esac; done
