@@ -38,6 +38,7 @@ class FrozenFirstStage(nn.Module):
         self.source = source
         initial = float("nan") if scale_factor is None else float(scale_factor)
         self.register_buffer("scale_factor", torch.tensor(initial, dtype=torch.float32))
+        self._checked_scale: Optional[tuple[int, int]] = None  # (buffer id, version) last found finite
         self.requires_grad_(False)
         super().train(False)
 
@@ -59,8 +60,13 @@ class FrozenFirstStage(nn.Module):
     def scaled_latents(self, mean: torch.Tensor, std: torch.Tensor,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """z = scale * (mean + std * eps) when sampling the posterior, else scale * mean."""
-        if not self.scale_is_set:
-            raise RuntimeError("scale_factor used before it was estimated or configured")
+        # Reading the scale on the host waits for the GPU (a sync every training batch: the CPU could no longer
+        # queue the next step ahead of it), so it is read only when the buffer changed: filled, loaded or moved.
+        key = (id(self.scale_factor), self.scale_factor._version)
+        if key != self._checked_scale:
+            if not self.scale_is_set:
+                raise RuntimeError("scale_factor used before it was estimated or configured")
+            self._checked_scale = key
         z = mean
         if self.sample_posterior and self.regularizer == "kl":
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
