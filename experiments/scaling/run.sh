@@ -4,7 +4,7 @@
 # 1. Same global batch on 1 and 2 GPUs, both stages, CIFAR-10 (GPU 0 | GPUs 1,2 in parallel): loss curves and the
 #    scale factor across ranks.  2. Weak scaling of the celebahq-ldm-vq-4 UNet (64x64x3 inputs, batch 48 per GPU)
 #    and the kl-f8 autoencoder (256x256, batch 12 per GPU) on 1, 2, 4 (, 8) GPUs; WEAK_RUNS picks runs (without
-#    it: what DDP costs per compile mode on one GPU, and eager DDP on 1, 2 and 4 GPUs).
+#    it: what DDP costs per compile mode on one GPU, then both modes on 2 GPUs).
 #    Metrics come back as flat CSVs in $OUT/csv.tgz. PHASES="correctness" or "weak" for one.
 set -uo pipefail
 [ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -19,8 +19,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 nvidia-smi topo -m > "$OUT/csv/topology.txt" 2>&1
 quiet() { grep --line-buffered -v "it/s\]$\|it/s, \|s/it\]\|^\s*$" || true; }   # line-buffered: a cut run still logs
-keep() {  # keep(<stage> <run>): the run's metrics and log, flat
+keep() {  # keep(<stage> <run>): the run's metrics (and profiler table, if traced), flat
   cp "$root/outputs/$1/$2/csv/metrics.csv" "$OUT/csv/$2.csv" 2>/dev/null || echo "no metrics for $2"
+  local table; for table in "$root/outputs/$1/$2"/fit*trace*.txt; do  # fit-trace.txt, per-rank names under DDP
+    [ -f "$table" ] && cp "$table" "$OUT/csv/$2-$(basename "$table")"; done
 }
 
 if [ "${PHASES:-correctness weak}" != "${PHASES/correctness/}" ]; then
@@ -97,16 +99,15 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
     done
     wait
   }
-  # Tags with their own overrides (see README "Fourth session"): how compile meets DDP, and eager DDP.
+  # Tags with their own overrides (see README "Fourth session"): how compile meets DDP, eager DDP, the discriminator
+  # without SyncBatchNorm, and the profiler (debug=trace: 14 batches, fit-trace.txt comes back beside the CSV).
   : "${TAG_whole:=trainer.strategy.compiled_ddp=no_optimization}" "${TAG_big:=+trainer.strategy.bucket_cap_mb=200}"
-  : "${TAG_eager:=module.compile=false}"
+  : "${TAG_eager:=module.compile=false}" "${TAG_nosync:=trainer.sync_batchnorm=false}" "${TAG_trace:=debug=trace}"
   if [ -n "${WEAK_RUNS:-}" ]; then  # space-separated steps, one after another
     for run in $WEAK_RUNS; do step "$run"; done
-  elif [ "$gpus" -ge 4 ]; then  # what DDP costs on one GPU without communication, per mode, all at once, then
-    step "ldm4:1@0+ldm4:1:ddp@1+whole/ldm4:1:ddp@2+big/ldm4:1:ddp@3"  # eager DDP (compiles nothing), then
-    step "eager/ldm4:1@0+eager/ldm4:2@2,3"                            # the DDP cost per mode for kl-f8
-    step eager/ldm4:4
-    step "klf8:1@0+klf8:1:ddp@1+whole/klf8:1:ddp@2+big/klf8:1:ddp@3"
+  elif [ "$gpus" -ge 4 ]; then  # what DDP costs on one GPU without communication, per mode, all at once; then
+    step "ldm4:1@0+ldm4:1:ddp@1+whole/ldm4:1:ddp@2+big/ldm4:1:ddp@3"  # both modes on 2 GPUs at once (README
+    step "ldm4:2@0,1+whole/ldm4:2@2,3"                                # "Fifth session" has the kl-f8 call)
   else
     step ldm4:1; step ldm4:1:ddp
     [ "$gpus" -ge 2 ] && step ldm4:2
