@@ -1,8 +1,8 @@
 """Stage 1 training: the perceptual autoencoder with manual optimisation of generator and discriminator.
 
 Both optimisers step on every batch once the discriminator is active (as the reference LD code does; SGM
-alternates batches instead). Before ``disc_start`` only the generator runs: no discriminator forward, no
-adaptive-weight gradients. Gradient accumulation and clipping are done here by hand because Lightning does
+alternates batches instead), after one backward pass through the sum of both losses. Before ``disc_start`` only
+the generator runs: no discriminator forward, no adaptive-weight gradients. Gradient accumulation and clipping are done here by hand because Lightning does
 neither under manual optimisation.
 """
 
@@ -110,26 +110,36 @@ class AutoencoderModule(StepCountingModule):
         step = self.batch_step
         steps_now = (step + 1) % self.accumulate_grad_batches == 0
 
-        # Generator. toggle_optimizer freezes the discriminator so g_loss cannot leave gradients in it.
+        # Generator loss with the discriminator frozen (toggle_optimizer): its path through D reaches the
+        # reconstruction, never D's weights.
         self.toggle_optimizer(opt_g)
         out = self.autoencoder(x, sample_posterior=self.sample_posterior)
         g_loss, g_logs = self.loss.generator_loss(
             x, out.reconstruction, out.regularization_loss, self.autoencoder.regularizer,
             self.autoencoder.last_layer(), step)
-        self.manual_backward(g_loss / self.accumulate_grad_batches)
+        self.untoggle_optimizer(opt_g)
+        logs = {**g_logs, **out.log}
+
+        # One backward pass for both networks. Their gradients cannot mix: g_loss reaches no D weight and
+        # d_loss sees the reconstruction detached, so each network gets exactly the gradient of its own loss, as
+        # with one backward pass per loss. Under DDP this all-reduces each gradient once per batch instead of the
+        # whole gradient twice. Before disc_start D takes no part, yet every D weight still gets a (zero)
+        # gradient: that lets DDP run without find_unused_parameters, whose reducer copies its map of used
+        # parameters to the host, a GPU sync, after every backward pass in which some parameter got none.
+        adversarial = self.loss.discriminator_active(step)
+        if adversarial:
+            d_loss, d_logs = self.loss.discriminator_loss(x, out.reconstruction.detach(), step)
+            logs.update(d_logs)
+            both = g_loss + d_loss
+        else:
+            both = g_loss + sum(p.sum() for p in self.loss.discriminator_parameters()) * 0.0
+        self.manual_backward(both / self.accumulate_grad_batches)
         if steps_now:
             self._step(opt_g, g_loss, "generator")
-        self.untoggle_optimizer(opt_g)
-
-        logs = {**g_logs, **out.log}
-        if self.loss.discriminator_active(step):
-            self.toggle_optimizer(opt_d)
-            d_loss, d_logs = self.loss.discriminator_loss(x, out.reconstruction.detach(), step)
-            self.manual_backward(d_loss / self.accumulate_grad_batches)
-            if steps_now:
+            if adversarial:
                 self._step(opt_d, d_loss, "discriminator")
-            self.untoggle_optimizer(opt_d)
-            logs.update(d_logs)
+            else:
+                opt_d.zero_grad(set_to_none=True)
 
         shown = logs.pop("rec_loss")
         self.log("train/rec_loss", shown, on_step=True, on_epoch=False, batch_size=x.shape[0])

@@ -108,7 +108,6 @@ class RunConfig:
     resume: Optional[str] = None  # "auto" (last checkpoint of this run directory) or a checkpoint path
     experiment_name: Optional[str] = None
     tags: list = field(default_factory=list)
-    ddp_find_unused_parameters: bool = False  # stage 1 sets it: no discriminator gradients before disc_start
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)

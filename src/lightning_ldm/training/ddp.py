@@ -13,14 +13,20 @@ removes both (the fix Lightning merged upstream later, pytorch-lightning#21746).
 all-reduce can start while the rest of the backward pass runs, at the price of smaller graphs that fuse less;
 "no_optimization" keeps one graph per network and all-reduces after its backward pass. Which one wins is a
 measurement (experiments/scaling/README.md).
+
+``sync_batchnorm=true`` converts BatchNorm layers (the discriminator's) to ``GlobalBatchNorm``
+(sync_batch_norm.py) rather than torch's SyncBatchNorm.
 """
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch._dynamo
+from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
+
+from lightning_ldm.training.sync_batch_norm import GlobalBatchNormSync
 
 CompiledDDP = Literal["ddp_optimizer", "no_optimization"]
 
@@ -33,6 +39,16 @@ class DDPOnCurrentStreamStrategy(DDPStrategy):
         self.compiled_ddp = compiled_ddp
         # Process-wide: every rank builds this strategy from the same config before anything is compiled.
         torch._dynamo.config.optimize_ddp = compiled_ddp
+
+    @property
+    def _layer_sync(self) -> Optional[LayerSync]:
+        return self._batch_norm_sync
+
+    @_layer_sync.setter
+    def _layer_sync(self, plugin: Optional[LayerSync]) -> None:
+        # trainer.sync_batchnorm=true hands over Lightning's TorchSyncBatchNorm (torch's SyncBatchNorm, a GPU sync
+        # in every layer's forward pass); GlobalBatchNorm computes the same statistics without one.
+        self._batch_norm_sync = GlobalBatchNormSync() if type(plugin) is TorchSyncBatchNorm else plugin
 
     def _setup_model(self, model: Module) -> DistributedDataParallel:
         return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
