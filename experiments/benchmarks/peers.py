@@ -19,6 +19,7 @@ runs in try/except (a failure prints one line); variants are skipped once --budg
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --inductor coordinate_descent_tuning=True
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --sdpa-off cudnn   # flash attention
     python3 experiments/benchmarks/peers.py --only ae_train/ours-compiled --ae-group-norm torch   # nn.GroupNorm
+    python3 experiments/benchmarks/peers.py --only ae_train compiled --profile 3   # + the profiler's op table
 
 diffusers is a benchmark-only dependency (the wheel is not in the project's requirements).
 """
@@ -268,6 +269,19 @@ def time_steps(step: Callable, steps: int, device: torch.device) -> list[float]:
     return times
 
 
+def profile_table(step: Callable, steps: int, device: torch.device, rows: int = 45) -> str:
+    """torch.profiler's operator table over ``steps`` steps, by the GPU (or, on a CPU, the CPU) time of each op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80)
+
+
 def matmul_tflops(device: torch.device, n: int, reps: int) -> float:
     """bf16 n^3 matmul throughput on random data: median over reps."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -319,6 +333,9 @@ def run_variant(group: str, net: str, mode: str, shape: Shape, args, device: tor
     times = time_steps(step, args.steps, device)
     if device.type == "cuda":
         res.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    if args.profile:
+        print(f"{group}/{net}-{mode}: profiler, {args.profile} steps\n{profile_table(step, args.profile, device)}",
+              flush=True)
     median = statistics.median(times)
     res.step_ms_all = [round(t * 1e3, 3) for t in times]
     res.ms_per_step = median * 1e3
@@ -477,6 +494,8 @@ def main() -> None:
                         help="torch._inductor.config settings, e.g. coordinate_descent_tuning=True")
     parser.add_argument("--sdpa-off", nargs="+", default=[], choices=SDPA_BACKENDS,
                         help="scaled_dot_product_attention backends to disable (cudnn: flash attention takes over)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, print torch.profiler's operator table over this many steps")
     parser.add_argument("--ae-group-norm", choices=("layout-preserving", "torch"), default="layout-preserving",
                         help="our autoencoder's GroupNorm: as built (layout-preserving when compiled) or nn.GroupNorm")
     args = parser.parse_args()

@@ -10,6 +10,10 @@
 #   ae      peers.py: the kl-f4 pair's training step, ours and diffusers', compiled and eager
 #   ae-gn   peers.py: ours compiled with nn.GroupNorm in place of the layout-keeping form (the A/B of group_norm.py)
 #   ae-dec  peers.py: the kl-f4 decoder alone (sampling's decode), ours and diffusers', compiled and eager
+#   ae-attn peers.py: ours compiled with the mem_efficient SDPA backend off, then math only (head dim 512 in the
+#           middle block's attention is beyond flash attention)
+#   profile peers.py: the profiler's operator table (3 steps) of the UNet and kl-f4 steps, ours and diffusers' compiled
+#   trace   debug=trace of the framework's LDM-4 training loop (run_trace.sh): the loop against the bare step
 #   sample  stage=benchmark celebahq-ldm-vq-4, sampling row (20 dpmpp_2m steps + decode, batch 128)
 #   train   stage=benchmark celebahq-ldm-vq-4, cached and on-the-fly rows; then stage=benchmark kl-f4 (batch 8)
 # LIMIT_S caps each part (default 540).
@@ -45,9 +49,13 @@ for part in $part; do case $part in
   ae) peers ae --only ae_train ;;
   ae-gn) peers ae-torch-gn --only ae_train/ours-compiled --ae-group-norm torch ;;
   ae-dec) peers ae-dec --only ae_decode ;;
+  ae-attn) peers ae-no-mem-efficient --only ae_train/ours-compiled --sdpa-off mem_efficient
+           peers ae-math --only ae_train/ours-compiled --sdpa-off mem_efficient flash cudnn ;;
+  profile) peers profile --only unet_train compiled ae_train --profile 3 ;;
+  trace) TRACE_S=$(left) SKIP_INSTALL=1 bash experiments/benchmarks/run_trace.sh ;;
   sample) bench sample experiment=celebahq-ldm-vq-4 "benchmark.rows=[sampling]" benchmark.sample_batch_size=128 \
             benchmark.sample_repeats=2 ;;
   train) bench ldm4 experiment=celebahq-ldm-vq-4 "benchmark.rows=[cached,on_the_fly]"
          bench kl-f4 experiment=kl-f4 benchmark.batch_size=8 ;;
-  *) echo "PART must list unet, unet-cd, ae, ae-gn, ae-dec, sample or train"; exit 2 ;;
+  *) echo "PART must list unet, unet-cd, ae, ae-gn, ae-dec, ae-attn, profile, trace, sample or train"; exit 2 ;;
 esac; done
