@@ -142,7 +142,8 @@ def test_every_trained_parameter_gets_a_gradient_in_every_backward_pass(tmp_path
     def backward(loss, *args, **kwargs):
         original(loss, *args, **kwargs)
         # What DDP reduces: the parameters of both optimizers, whether or not toggled off at this moment.
-        trained = {id(p) for opt in module.optimizers() for group in opt.optimizer.param_groups for p in group["params"]}
+        trained = {id(p) for opt in module.optimizers() for group in opt.optimizer.param_groups
+                   for p in group["params"]}
         missing.append([n for n, p in module.named_parameters() if id(p) in trained and p.grad is None])
 
     module.manual_backward = backward

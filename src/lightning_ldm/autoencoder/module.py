@@ -2,8 +2,8 @@
 
 Both optimisers step on every batch once the discriminator is active (as the reference LD code does; SGM
 alternates batches instead), after one backward pass through the sum of both losses. Before ``disc_start`` only
-the generator runs: no discriminator forward, no adaptive-weight gradients. Gradient accumulation and clipping are done here by hand because Lightning does
-neither under manual optimisation.
+the generator runs: no discriminator forward, no adaptive-weight gradients. Gradient accumulation and clipping
+are done here by hand because Lightning does neither under manual optimisation.
 """
 
 from typing import Optional

@@ -1,13 +1,14 @@
 """BatchNorm over the global batch of all DDP ranks, without stopping the CPU (``trainer.sync_batchnorm=true``).
 
-The discriminator's BatchNorm (LD's PatchGAN) must see the statistics of the whole global batch under DDP (see
-the LD reference's trap 7). ``torch.nn.SyncBatchNorm`` does that, but each layer's forward pass drops the
-statistics of ranks with empty inputs by boolean indexing, which waits for the GPU (its source says so:
-pytorch#78549). With three BatchNorm layers and three discriminator passes per batch, that made nine GPU
-syncs per stage-1 batch. Here the per-rank sums are all-reduced instead (one stream-ordered collective per
-layer, no host read), with autograd through ``torch.distributed.nn.functional.all_reduce``, whose backward
-all-reduces the statistics' gradients: each rank's input gradient is that of the loss summed over all ranks,
-which is what BatchNorm over the concatenated batch gives. A rank with an empty batch adds zero to every sum.
+The discriminator's BatchNorm (LD's PatchGAN) must see the statistics of the whole global batch under DDP, or
+each GPU's discriminator normalises with the statistics of its own slice. ``torch.nn.SyncBatchNorm`` does that,
+but each layer's forward pass drops the statistics of ranks with empty inputs by boolean indexing, which waits
+for the GPU (its source says so: pytorch#78549). With three BatchNorm layers and three discriminator passes per
+batch, that made nine GPU syncs per stage-1 batch. Here the per-rank sums are all-reduced instead (one
+stream-ordered collective per layer, no host read), with autograd through
+``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces the statistics' gradients: each rank's
+input gradient is that of the loss summed over all ranks, which is what BatchNorm over the concatenated batch
+gives. A rank with an empty batch adds zero to every sum.
 
 Statistics in float32: mean = sum / n, biased variance = sum of squares / n - mean^2 normalises, and the running
 variance takes the unbiased n / (n - 1) form, as nn.BatchNorm does.
