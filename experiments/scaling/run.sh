@@ -83,6 +83,9 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
     name=${tag:+$tag-}$name
     local -n overrides=$model
     local tag_overrides="TAG_$tag"; local -a extra=(${!tag_overrides:-})  # TAG_<tag>="key=value ...": that run's own
+    # A run of the same name left by an earlier call on this machine would resume and find nothing left to do
+    # (it happened once); compile caches live elsewhere (/tmp/torchinductor_*) and stay warm.
+    case $model in ldm4) rm -rf "$root/outputs/diffusion/$name" ;; *) rm -rf "$root/outputs/autoencoder/$name" ;; esac
     # -k: SIGTERM only asks for a checkpoint at the end of the batch (pre-emption); a run still compiling needs KILL
     timeout -k 30 "${WEAK_TIMEOUT:-420}" python3 -m lightning_ldm "${overrides[@]}" "${trainer[@]}" "${extra[@]}" run_name=$name 2>&1 \
       | quiet | stamp > "$OUT/csv/$name.log"
