@@ -20,9 +20,7 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 from torch.distributed.nn.functional import all_reduce
 
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from lightning_ldm.metrics.distributed import rank_and_world
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -34,7 +32,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        if not self.training or _world_size() == 1:
+        if not self.training or rank_and_world()[1] == 1:
             return super().forward(x)
         channels = x.shape[1]
         reduce_dims = [d for d in range(x.dim()) if d != 1]
