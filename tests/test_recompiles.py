@@ -1,0 +1,66 @@
+"""The compiled networks of both stages compile once per run: no graph break, and no recompilation once training
+is under way (varying timesteps, learning-rate warm-up, EMA warm-up, the discriminator switching on, the
+generator's toggled optimizer must not trigger one). Compiled with fullgraph=True (a break raises) through a
+counting backend that runs the traced graphs eagerly, so the test takes seconds, not inductor's minutes.
+"""
+
+import lightning as L
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounter
+
+from lightning_ldm.tasks import train as train_task
+
+QUIET = ["trainer=cpu", "logger=none", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+         "callbacks.progress=null", "+trainer.enable_progress_bar=false", "data.batch_size=4", "module.compile=true"]
+WARM = 2  # batches after which every graph must exist
+
+
+@pytest.fixture
+def compiled_once(monkeypatch):
+    counter = CompileCounter()
+    original = torch.compile
+
+    def counting_compile(model=None, **kwargs):  # nn.Module.compile calls torch.compile too
+        kwargs.update(backend=counter, fullgraph=True)
+        return original(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    frames = {}
+
+    class FreezeAfterWarmUp(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == WARM:
+                frames["warm"] = counter.frame_count
+                torch._dynamo.config.error_on_recompile = True  # any later recompilation raises
+
+    build = train_task.build_trainer
+    monkeypatch.setattr(train_task, "build_trainer",
+                        lambda cfg, run_dir: _with_callback(build(cfg, run_dir), FreezeAfterWarmUp()))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)  # restored after the test
+    torch._dynamo.reset()
+    yield counter, frames
+    torch._dynamo.reset()
+
+
+def _with_callback(trainer: L.Trainer, callback: L.Callback) -> L.Trainer:
+    trainer.callbacks.append(callback)
+    return trainer
+
+
+def test_stage2_compiles_the_unet_once(compose, tmp_path, compiled_once):
+    counter, frames = compiled_once
+    cfg = compose(*QUIET, "stage=diffusion", "autoencoder=identity", "unet=tiny", "max_steps=8",
+                  "module.warmup_steps=5", "module.num_log_images=0", "module.conditioning=adm",
+                  "module.num_classes=10", f"paths.run_dir={tmp_path / 'run'}")
+    train_task.fit(cfg)
+    assert frames["warm"] >= 1 and counter.frame_count == frames["warm"]
+
+
+def test_stage1_compiles_encoder_and_decoder_once(compose, tmp_path, compiled_once):
+    counter, frames = compiled_once
+    cfg = compose(*QUIET, "stage=autoencoder", "autoencoder=kl-f4-small", "max_steps=6", "loss.disc_start=4",
+                  "module.image_log_every=0", f"paths.run_dir={tmp_path / 'run'}")
+    train_task.fit(cfg)
+    assert frames["warm"] >= 2 and counter.frame_count == frames["warm"]
