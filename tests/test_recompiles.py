@@ -64,3 +64,18 @@ def test_stage1_compiles_encoder_and_decoder_once(compose, tmp_path, compiled_on
                   "module.image_log_every=0", f"paths.run_dir={tmp_path / 'run'}")
     train_task.fit(cfg)
     assert frames["warm"] >= 2 and counter.frame_count == frames["warm"]
+
+
+def test_sampling_compiles_the_network_once_for_every_solver_step(compose, compiled_once):
+    """The sample stage compiles the EMA network (and decoder): one graph serves every solver step and batch."""
+    from hydra.utils import instantiate
+
+    counter, _ = compiled_once
+    module = instantiate(compose("stage=diffusion", "autoencoder=identity", "unet=tiny", "module.conditioning=adm",
+                                 "module.num_classes=10", "module.guidance_scale=2.0").module)
+    module.prepare_for_sampling(compile=True)
+    module.generate(3, steps=4, generator=torch.Generator().manual_seed(0))
+    after_first = counter.frame_count
+    torch._dynamo.config.error_on_recompile = True
+    module.generate(3, steps=4, generator=torch.Generator().manual_seed(1))
+    assert after_first >= 1 and counter.frame_count == after_first
