@@ -36,6 +36,24 @@ def compose(tmp_path):
     return _compose
 
 
+@pytest.fixture
+def with_callback(monkeypatch):
+    """``with_callback(cb)``: every trainer that ``tasks.train.fit`` builds in this test also runs ``cb``."""
+    from lightning_ldm.tasks import train as train_task
+
+    def add(callback) -> None:
+        build = train_task.build_trainer
+
+        def build_with_callback(cfg, run_dir):
+            trainer = build(cfg, run_dir)
+            trainer.callbacks.append(callback)
+            return trainer
+
+        monkeypatch.setattr(train_task, "build_trainer", build_with_callback)
+
+    return add
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m lightning_ldm`` as a user would, offline, without W&B credentials."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}

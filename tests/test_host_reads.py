@@ -41,7 +41,7 @@ def _allowed(reader: str) -> bool:
 
 
 @pytest.fixture
-def count_reads(monkeypatch):
+def count_reads(monkeypatch, with_callback):
     """Patches Tensor's reading methods; returns (counter list, Lightning callback that arms it per batch)."""
     armed = {"on": False}
     reads: list[str] = []
@@ -62,14 +62,7 @@ def count_reads(monkeypatch):
         def on_train_end(self, trainer, module):
             armed["on"] = False
 
-    build = train_task.build_trainer
-
-    def build_with_counter(cfg, run_dir):
-        trainer = build(cfg, run_dir)
-        trainer.callbacks.append(Arm())
-        return trainer
-
-    monkeypatch.setattr(train_task, "build_trainer", build_with_counter)
+    with_callback(Arm())
     return reads
 
 

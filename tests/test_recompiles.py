@@ -18,7 +18,7 @@ WARM = 2  # batches after which every graph must exist
 
 
 @pytest.fixture
-def compiled_once(monkeypatch):
+def compiled_once(monkeypatch, with_callback):
     counter = CompileCounter()
     original = torch.compile
 
@@ -35,18 +35,11 @@ def compiled_once(monkeypatch):
                 frames["warm"] = counter.frame_count
                 torch._dynamo.config.error_on_recompile = True  # any later recompilation raises
 
-    build = train_task.build_trainer
-    monkeypatch.setattr(train_task, "build_trainer",
-                        lambda cfg, run_dir: _with_callback(build(cfg, run_dir), FreezeAfterWarmUp()))
+    with_callback(FreezeAfterWarmUp())
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)  # restored after the test
     torch._dynamo.reset()
     yield counter, frames
     torch._dynamo.reset()
-
-
-def _with_callback(trainer: L.Trainer, callback: L.Callback) -> L.Trainer:
-    trainer.callbacks.append(callback)
-    return trainer
 
 
 def test_stage2_compiles_the_unet_once(compose, tmp_path, compiled_once):
