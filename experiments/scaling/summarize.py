@@ -3,6 +3,8 @@ torch.compile and cuDNN warm-up), per GPU, efficiency = images/s on N GPUs / (N 
 
     python experiments/scaling/summarize.py <outputs root>  # expects <stage>/<model>-<variant>-<N>gpu/csv/metrics.csv
     python experiments/scaling/summarize.py <folder>        # or the flat <model>-<variant>-<N>gpu.csv of run.sh
+    python experiments/scaling/summarize.py <root> --fastest ldm4 2  # the tag of the fastest ldm4 DDP run on 2 GPUs,
+                                                                     # as run.sh's WEAK_RUNS writes it ("whole/" or "")
 
 Efficiency is given against the same variant on 1 GPU and against the fastest 1-GPU run of the same model (e.g.
 ldm4-ddp-2gpu against ldm4-single-1gpu, the UNet compiled whole without DDP): the honest baseline.
@@ -25,7 +27,8 @@ def windows(metrics_csv: Path) -> tuple[list[float], float]:
     return rates, memory
 
 
-def main(root: Path) -> None:
+def collect(root: Path) -> dict[str, dict[int, tuple[float, float, int]]]:
+    """{run name without its GPU count: {N: (median images/s, peak GB, windows)}}"""
     runs: dict[str, dict[int, tuple[float, float, int]]] = {}
     found = {m.parents[1].name: m for m in root.glob("*/*/csv/metrics.csv")} | {m.stem: m for m in root.glob("*.csv")}
     for run_name, metrics in sorted(found.items()):
@@ -35,6 +38,20 @@ def main(root: Path) -> None:
         rates, memory = windows(metrics)
         if len(rates) >= 2:
             runs.setdefault(match[1], {})[int(match[2])] = (statistics.median(rates[1:]), memory, len(rates) - 1)
+    return runs
+
+
+def fastest_tag(runs: dict[str, dict[int, tuple[float, float, int]]], model: str, n: int) -> str:
+    """The WEAK_RUNS tag ("<tag>/", or "" untagged) of the fastest <model> DDP run on n GPUs (default: untagged)."""
+    rates = {name: by_n[n][0] for name, by_n in runs.items() if n in by_n and name.endswith(f"{model}-ddp")}
+    if not rates:
+        return ""
+    tag = max(rates, key=rates.get).removesuffix(f"{model}-ddp").removesuffix("-")
+    return f"{tag}/" if tag else ""
+
+
+def main(root: Path) -> None:
+    runs = collect(root)
 
     def model(name: str) -> str:  # "[<tag>-]<model>-<variant>" -> "<model>"
         return name.split("-")[-2]
@@ -55,4 +72,7 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) == 5 and sys.argv[2] == "--fastest":
+        print(fastest_tag(collect(Path(sys.argv[1])), sys.argv[3], int(sys.argv[4])))
+    else:
+        main(Path(sys.argv[1]))
