@@ -75,9 +75,16 @@ def _forbidden(reads: list[str]) -> list[str]:
     return [r for r in reads if not _allowed(r.split(" from ", 1)[1])]
 
 
-def test_stage1_with_discriminator_reads_nothing_per_batch(compose, tmp_path, count_reads):
+# trainer=ddp on one CPU process: DDP's wrapper and reducer, GlobalBatchNorm and the strategy's own hooks are in
+# the path (a read they caused on a GPU would be a sync per batch that single-device training does not have).
+ONE_PROCESS_DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"]
+TRAINERS = pytest.mark.parametrize("trainer", [[], ONE_PROCESS_DDP], ids=["single device", "ddp"])
+
+
+@TRAINERS
+def test_stage1_with_discriminator_reads_nothing_per_batch(compose, tmp_path, count_reads, trainer):
     _fit(compose, tmp_path, "stage=autoencoder", "autoencoder=kl-f4-small", "loss.disc_start=0",
-         "module.image_log_every=0")
+         "module.image_log_every=0", *trainer)
     assert _forbidden(count_reads) == []
 
 
@@ -90,10 +97,11 @@ def kl_export(tmp_path_factory):
     return path
 
 
+@TRAINERS
 @pytest.mark.parametrize("latents", ["cached", "encoded every batch"])
-def test_stage2_reads_nothing_per_batch(compose, tmp_path, count_reads, kl_export, latents):
+def test_stage2_reads_nothing_per_batch(compose, tmp_path, count_reads, kl_export, latents, trainer):
     # The scale factor used to be checked for NaN on the host at every batch: one GPU sync per step.
     _fit(compose, tmp_path, "stage=diffusion", "unet=tiny", f"autoencoder.path={kl_export}",
          f"module.cache_latents={latents == 'cached'}", "module.num_log_images=0",
-         "module.scale_estimation_batches=1", "module.conditioning=adm", "module.num_classes=10")
+         "module.scale_estimation_batches=1", "module.conditioning=adm", "module.num_classes=10", *trainer)
     assert _forbidden(count_reads) == []
