@@ -5,13 +5,16 @@
 #    scale factor across ranks.  2. Weak scaling of the celebahq-ldm-vq-4 UNet (64x64x3 inputs, batch 48 per GPU)
 #    and the kl-f8 autoencoder (256x256, batch 12 per GPU) on 1, 2, 4 (, 8) GPUs; WEAK_RUNS picks runs (without
 #    it: what DDP costs per compile mode on one GPU, then both modes on 2 GPUs).
-#    Metrics come back as flat CSVs in $OUT/csv.tgz. PHASES="correctness" or "weak" for one.
+#    Metrics come back as flat CSVs in $OUT/csv.tgz. PHASES="correctness" or "weak" for one; "allreduce" (not in
+#    the default) times the UNet gradient's all-reduce alone on 2, 4 (, 8) GPUs first (allreduce_bench.py).
 set -uo pipefail
 [ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
   --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}
+phases=" ${PHASES:-correctness weak} "
+phase() { [[ "$phases" == *" $1 "* ]]; }
 root=/tmp/runs
 mkdir -p "$root" "$OUT/csv"
 gpus=$(nvidia-smi -L | wc -l)
@@ -25,7 +28,15 @@ keep() {  # keep(<stage> <run>): the run's metrics (and profiler table, if trace
     [ -f "$table" ] && cp "$table" "$OUT/csv/$2-$(basename "$table")"; done
 }
 
-if [ "${PHASES:-correctness weak}" != "${PHASES/correctness/}" ]; then
+if phase allreduce; then  # the interconnect alone (allreduce_bench.py)
+  for n in 2 4 8; do
+    [ "$n" -le "$gpus" ] && NCCL_DEBUG=INFO python3 experiments/scaling/allreduce_bench.py --world "$n" \
+      --out "$OUT/csv/allreduce-${n}gpu.json" 2>&1 | grep -v "^\s*$" | grep -i "ranks,\|via\|NCCL version" \
+      | sort -u | tee "$OUT/csv/allreduce-${n}gpu.log"
+  done
+fi
+
+if phase correctness; then
   cifar=(data=folder data.root=.data/cifar10-train.zip data.channels=3 data.num_workers=6 logger=csv
          "paths.output_root=$root/outputs" trainer.limit_val_batches=8 callbacks.throughput.every_n_batches=50)
   s1=(stage=autoencoder autoencoder=kl-f4-small autoencoder.ch=64 max_steps=300 module.lr=2e-4 loss.disc_start=150
@@ -51,7 +62,7 @@ if [ "${PHASES:-correctness weak}" != "${PHASES/correctness/}" ]; then
   tar -C "$OUT" -czf "$OUT/csv.tgz" csv
 fi
 
-if [ "${PHASES:-correctness weak}" != "${PHASES/weak/}" ]; then
+if phase weak; then
   # Weak scaling: a fixed per-GPU batch on synthetic inputs, each run capped at WEAK_TIMEOUT s. The whole default
   # plan runs on one machine; WEAK_RUNS picks runs: steps one after another, each "<run>[+<run>...]" (runs at the
   # same time), a run "[<tag>/]<model>:<N>[:ddp][@<gpus>]": models ldm4, klf8; N GPUs (N=1 runs trainer=gpu, 1:ddp
