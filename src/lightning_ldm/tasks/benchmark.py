@@ -27,6 +27,7 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ldm.data.synthetic import SyntheticDataModule
+from lightning_ldm.diffusion.module import DECODE_CHUNK
 from lightning_ldm.errors import ConfigError, MissingWeightsError
 
 
@@ -45,6 +46,7 @@ class Row:
     peak_memory_gib: Optional[float]
     windows_images_per_sec: list = field(default_factory=list)
     note: str = ""
+    parts_ms_per_image: dict = field(default_factory=dict)  # where a row's time goes, when it is measured apart
 
 
 # ------------------------------------------------------------------------------------------------ composition
@@ -210,13 +212,40 @@ def measure_sampling(module, options: DictConfig, device: torch.device, peak_tfl
     seconds = statistics.median(times)
     tflops = counter.get_total_flops() / seconds / 1e12
     rate = n / seconds
+    # The decode alone, on latents of the sampled shape: its share of the row, and what decoding under the bf16
+    # autocast of the solver steps would save (not used: samples are decoded in float32, see decode_latents).
+    z = torch.randn(n, module.first_stage.latent_channels, module.latent_size, module.latent_size, device=device)
+    decode_fp32 = _median_seconds(lambda: module.decode_latents(z), options.sample_repeats, device)
+    parts = {"solver": (seconds - decode_fp32) / n, "decode_float32": decode_fp32 / n}
+    if device.type == "cuda":
+        def decode_bf16():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return torch.cat([module.first_stage.decode(chunk) for chunk in z.split(DECODE_CHUNK)]).float()
+        parts["decode_bf16_autocast"] = _median_seconds(decode_bf16, options.sample_repeats, device) / n
     return Row(name=f"sampling: {options.sampler} {steps} steps + decode", batch_size=n,
                images_per_sec=round(rate, 2), step_ms=round(seconds * 1e3, 2),
                gflop_per_image=round(counter.get_total_flops() / n / 1e9, 2), tflops=round(tflops, 1),
                mfu=round(tflops / peak_tflops, 4) if peak_tflops else None,
                peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
                windows_images_per_sec=[round(n / t, 2) for t in times],
-               note=f"50,000 samples: {50000 / rate / 60:.1f} min; {'compiled' if compile else 'eager'}")
+               note=f"50,000 samples: {50000 / rate / 60:.1f} min; {'compiled' if compile else 'eager'}; "
+                    f"float32 decode {decode_fp32 / seconds:.0%} of it",
+               parts_ms_per_image={k: round(v * 1e3, 3) for k, v in parts.items()})
+
+
+def _median_seconds(work, repeats: int, device: torch.device) -> float:
+    """Median wall time of work() after one untimed call (compilation, cuDNN autotuning)."""
+    work()
+    times = []
+    for _ in range(max(repeats, 1)):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------------------ the task
