@@ -150,7 +150,10 @@ def test_subpixel_upsample_equals_nearest_then_conv(channels_last):
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(naive)
     expected = torch.autograd.grad((naive * g).sum(), (x, up.conv.weight, up.conv.bias))
-    torch.testing.assert_close(torch.autograd.grad((fast * g).sum(), (x, up.conv.weight, up.conv.bias)), expected)
+    # The weight gradient sums ~280 products of order 1 in another order than the naive form: float32 rounding of
+    # ~1e-5 is expected; a wrong tap or phase would be off by order 1.
+    torch.testing.assert_close(torch.autograd.grad((fast * g).sum(), (x, up.conv.weight, up.conv.bias)), expected,
+                               atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["adm", "crossattn"])
