@@ -38,7 +38,9 @@ class FrozenFirstStage(nn.Module):
         self.source = source
         initial = float("nan") if scale_factor is None else float(scale_factor)
         self.register_buffer("scale_factor", torch.tensor(initial, dtype=torch.float32))
-        self._checked_scale: Optional[tuple[int, int]] = None  # (buffer id, version) last found finite
+        # (buffer, its version) last found finite; holding the buffer itself means a replacement can never pass
+        # for it (an id() could be reused by a new tensor).
+        self._checked_scale: Optional[tuple[torch.Tensor, int]] = None
         self.requires_grad_(False)
         super().train(False)
 
@@ -62,11 +64,11 @@ class FrozenFirstStage(nn.Module):
         """z = scale * (mean + std * eps) when sampling the posterior, else scale * mean."""
         # Reading the scale on the host waits for the GPU (a sync every training batch: the CPU could no longer
         # queue the next step ahead of it), so it is read only when the buffer changed: filled, loaded or moved.
-        key = (id(self.scale_factor), self.scale_factor._version)
-        if key != self._checked_scale:
+        checked = self._checked_scale
+        if checked is None or checked[0] is not self.scale_factor or checked[1] != self.scale_factor._version:
             if not self.scale_is_set:
                 raise RuntimeError("scale_factor used before it was estimated or configured")
-            self._checked_scale = key
+            self._checked_scale = (self.scale_factor, self.scale_factor._version)
         z = mean
         if self.sample_posterior and self.regularizer == "kl":
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
