@@ -226,6 +226,18 @@ def test_last_checkpoint_alone_reproduces_the_trained_model(trained):
     assert not torch.allclose(raw, expected, atol=1e-4)  # so the match above is the EMA weights
 
 
+def test_decode_runs_in_the_precision_of_the_surrounding_autocast(trained):
+    module = trained.module
+    z = fixed_noise(module, 2)
+    full = module.decode_latents(z)
+    assert full.dtype == torch.float32 and torch.equal(full, module.first_stage.decode(z).clamp(-1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what bf16-mixed sampling on a GPU does
+        half = module.decode_latents(z)
+    assert half.dtype == torch.float32
+    difference = (half - full).abs().max().item()
+    assert 0 < difference < 0.1  # decoded in bf16: rounded (about 2^-8 relative), not a different image
+
+
 def test_ema_export_alone_reproduces_the_trained_model(trained, tmp_path):
     path = save_ema_export(trained.module, tmp_path / "ldm-ema.safetensors")
     loaded = load_diffusion_model(str(path)).eval()

@@ -12,8 +12,9 @@
 #   ae-dec  peers.py: the kl-f4 decoder alone (sampling's decode), ours and diffusers', compiled and eager
 #   ae-attn peers.py: ours compiled with the mem_efficient SDPA backend off, then math only (head dim 512 in the
 #           middle block's attention is beyond flash attention)
+#   unet-ours peers.py: our LDM-4 UNet step compiled alone (the baseline of unet-pad without the peers)
 #   unet-pad, ae-pad  peers.py: ours compiled with the convs of fewer than 8 channels (RGB, latents) computed
-#           zero-padded to 8 (--pad-narrow-convs; same math): run after unet / ae on the same GPU, the A/B
+#           zero-padded to 8 (--pad-narrow-convs; same math): run after unet(-ours) / ae on the same GPU, the A/B
 #   profile peers.py: the profiler's operator table (3 steps) of the UNet and kl-f4 steps, ours and diffusers' compiled
 #   trace   debug=trace of the framework's LDM-4 training loop (run_trace.sh): the loop against the bare step
 #   sample  stage=benchmark celebahq-ldm-vq-4, sampling row (20 dpmpp_2m steps + decode, batch 128)
@@ -54,6 +55,7 @@ for part in $part; do case $part in
   ae-attn) peers ae-no-mem-efficient --only ae_train/ours-compiled --sdpa-off mem_efficient
            peers ae-math --only ae_train/ours-compiled --sdpa-off mem_efficient flash cudnn ;;
   profile) peers profile --only unet_train compiled ae_train --profile 3 ;;
+  unet-ours) peers unet-ours --only unet_train/ours-compiled ;;
   unet-pad) peers unet-pad --only unet_train/ours-compiled --pad-narrow-convs ;;
   ae-pad) peers ae-pad --only ae_train/ours-compiled --pad-narrow-convs ;;
   trace) TRACE_S=$(left) SKIP_INSTALL=1 bash experiments/benchmarks/run_trace.sh ;;
@@ -61,5 +63,5 @@ for part in $part; do case $part in
             benchmark.sample_repeats=2 ;;
   train) bench ldm4 experiment=celebahq-ldm-vq-4 "benchmark.rows=[cached,on_the_fly]"
          bench kl-f4 experiment=kl-f4 benchmark.batch_size=8 ;;
-  *) echo "PART must list unet, unet-cd, ae, ae-gn, ae-dec, ae-attn, unet-pad, ae-pad, profile, trace, sample or train"; exit 2 ;;
+  *) echo "PART must list unet, unet-cd, unet-ours, ae, ae-gn, ae-dec, ae-attn, unet-pad, ae-pad, profile, trace, sample or train"; exit 2 ;;
 esac; done
