@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_ldm.autoencoder.blocks import AttnBlock, Downsample, ResnetBlock
 from lightning_ldm.autoencoder.model import PAPER_PRESETS, SMALL_PRESETS, Autoencoder
-from lightning_ldm.autoencoder import regularizers
+from lightning_ldm.autoencoder import blocks, regularizers
 from lightning_ldm.autoencoder.regularizers import DiagonalGaussian, VectorQuantizer
 from lightning_ldm.errors import ConfigError, DataError
 
@@ -175,6 +176,61 @@ def test_attention_equals_naive_softmax_reference():
     weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(32), dim=-1)
     attended = torch.einsum("bij,bcj->bci", weights, v).reshape(2, 32, 5, 3)
     torch.testing.assert_close(block(x), x + block.proj_out(attended), atol=1e-5, rtol=1e-5)
+
+
+def qkv(batch: int, length: int, dim: int, requires_grad: bool = True) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 1, length, dim, generator=generator) * 2).requires_grad_(requires_grad)
+            for _ in range(3)]
+
+
+def test_wide_head_attention_written_out_equals_sdpa_in_value_and_gradients():
+    q, k, v = qkv(2, 48, 512)  # head dim 512: the kl-f4 / kl-f8 mid blocks, past the fused kernels
+    out = blocks.single_head_attention(q, k, v)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    reference = [t.detach().double().requires_grad_() for t in (q, k, v)]  # SDPA in float64: the exact values
+    expected = F.scaled_dot_product_attention(*reference)
+    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
+    torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-4)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad.float(), atol=1e-5, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under bf16-mixed: float32 inside, bf16 out like SDPA
+        assert blocks.single_head_attention(*(t.bfloat16() for t in (q, k, v))).dtype == torch.bfloat16
+
+
+def test_sdpa_stays_where_its_kernels_are_fast_or_memory_matters(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(blocks.F, "scaled_dot_product_attention", lambda *a: calls.append(1) or sdpa(*a))
+    blocks.single_head_attention(*qkv(2, 16, 512))
+    assert calls == []  # training, wide head: written out
+    blocks.single_head_attention(*qkv(2, 16, 256))  # a head the fused kernels take
+    with torch.no_grad():  # inference: the kernel's forward is as fast and needs no (B, L, L) buffer
+        blocks.single_head_attention(*qkv(2, 16, 512))
+    blocks.single_head_attention(*qkv(2, 16, 512, requires_grad=False))
+    monkeypatch.setattr(blocks, "WRITTEN_OUT_ATTENTION_MAX_SCORES", 2 * 16 * 16 - 1)  # scores past the budget
+    blocks.single_head_attention(*qkv(2, 16, 512))
+    assert len(calls) == 4
+
+
+def test_inductor_does_not_turn_the_written_out_attention_back_into_sdpa():
+    from torch._dynamo.utils import counters
+
+    def with_softmax(q, k, v):  # the textbook form, which the pattern matcher rewrites into SDPA
+        return torch.matmul((torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1), v)
+
+    torch._dynamo.reset()
+    counters.clear()
+    # Compiled for real: a graph from the on-disk caches would skip the pattern pass (and the count).
+    no_caches = {"fx_graph_cache": False, "fx_graph_remote_cache": False}
+    with torch._inductor.config.patch(no_caches), torch._functorch.config.patch(enable_autograd_cache=False):
+        for function in (blocks.single_head_attention, with_softmax):
+            torch.compile(function)(*qkv(2, 32, 512)).sum().backward()
+            if function is blocks.single_head_attention:
+                assert counters["inductor"]["fuse_attention"] == 0
+    assert counters["inductor"]["fuse_attention"] > 0  # so the pattern matcher was active, and the check means it
+    torch._dynamo.reset()
 
 
 def test_resnet_block_uses_a_shortcut_conv_only_when_channels_change():

@@ -20,7 +20,7 @@ runs in try/except (a failure prints one line); variants are skipped once --budg
     python3 experiments/benchmarks/peers.py --only unet_train/ours-compiled --sdpa-off cudnn   # flash attention
     python3 experiments/benchmarks/peers.py --only ae_train/ours-compiled --ae-group-norm torch   # nn.GroupNorm
     python3 experiments/benchmarks/peers.py --only ae_train compiled --profile 3   # + the profiler's op table
-    python3 experiments/benchmarks/peers.py --only ae_train/ours-compiled --pad-narrow-convs   # RGB convs at 8 ch.
+    python3 experiments/benchmarks/peers.py --only ae_train/ours-compiled --ae-attention sdpa   # SDPA at head dim 512
 
 diffusers is a benchmark-only dependency (the wheel is not in the project's requirements).
 """
@@ -141,10 +141,7 @@ def build_unet(net: str) -> nn.Module:
     if net == "ours":
         from lightning_ldm.unet import PRESETS, UNet
 
-        model = UNet(**PRESETS[UNET_PRESET])
-        if PAD_NARROW_CONVS["enabled"]:
-            pad_narrow_convs(model)
-        return model
+        return UNet(**PRESETS[UNET_PRESET])
     from diffusers import UNet2DModel
 
     return UNet2DModel(**DIFFUSERS_UNET)
@@ -154,10 +151,7 @@ def build_autoencoder(net: str) -> nn.Module:
     if net == "ours":
         from lightning_ldm.autoencoder import PAPER_PRESETS, Autoencoder
 
-        model = Autoencoder(**PAPER_PRESETS[AE_PRESET])
-        if PAD_NARROW_CONVS["enabled"]:
-            pad_narrow_convs(model)
-        return model
+        return Autoencoder(**PAPER_PRESETS[AE_PRESET])
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(**DIFFUSERS_KL_F4)
@@ -422,10 +416,11 @@ def versions(device: torch.device) -> dict[str, Any]:
 SDPA_BACKENDS = ("cudnn", "flash", "mem_efficient", "math")
 
 
-def apply_settings(inductor: list[str], sdpa_off: list[str], ae_group_norm: str = "layout-preserving") -> None:
-    """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error), --sdpa-off and
+def apply_settings(inductor: list[str], sdpa_off: list[str], ae_group_norm: str = "layout-preserving",
+                   ae_attention: str = "as-built") -> None:
+    """--inductor KEY=VALUE (values parsed as Python literals; unknown keys are an error), --sdpa-off,
     --ae-group-norm (torch: nn.GroupNorm, same parameters and state dict, in our autoencoder instead of its
-    layout-keeping GroupNorm)."""
+    layout-keeping GroupNorm) and --ae-attention (sdpa: F.scaled_dot_product_attention for every head width)."""
     import ast
 
     import torch._inductor.config as inductor_config
@@ -445,6 +440,17 @@ def apply_settings(inductor: list[str], sdpa_off: list[str], ae_group_norm: str 
         setattr(target, name, value)
     for backend in sdpa_off:
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
+    if sdpa_off:
+        # The SDPA backend is chosen while compiling, and the compile caches do not key on these flags: a graph
+        # cached by an earlier run would keep the old kernel (the sixth session's A/B measured exactly that).
+        import torch._functorch.config as functorch_config
+
+        inductor_config.fx_graph_cache = False
+        functorch_config.enable_autograd_cache = False
+    if ae_attention == "sdpa":
+        import lightning_ldm.autoencoder.blocks as blocks
+
+        blocks.single_head_attention = F.scaled_dot_product_attention
     if ae_group_norm == "torch":
         import lightning_ldm.autoencoder.blocks as blocks
         import lightning_ldm.autoencoder.encoder_decoder as encoder_decoder
@@ -453,41 +459,6 @@ def apply_settings(inductor: list[str], sdpa_off: list[str], ae_group_norm: str 
             return nn.GroupNorm(32, channels, eps=1e-6)
 
         blocks.Normalize = encoder_decoder.Normalize = normalize
-
-
-class ChannelPaddedConv2d(nn.Conv2d):
-    """The same convolution with its narrow side (fewer than ``width`` channels: RGB in or out, 3-6 channel
-    latents) zero-padded to ``width`` for the computation only: the extra input channels are zeros and the extra
-    output channels are dropped, so outputs and gradients are those of the plain conv; parameters and state dict
-    are unchanged. cuDNN's bf16 NHWC tensor-core kernels want channel counts that are multiples of 8; with 3 it
-    may fall back to slower kernels or layout transposes (the A/B this measures)."""
-
-    width = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        extra_in = max(0, self.width - self.in_channels)
-        extra_out = max(0, self.width - self.out_channels)
-        weight = F.pad(self.weight, (0, 0, 0, 0, 0, extra_in, 0, extra_out))
-        bias = None if self.bias is None else F.pad(self.bias, (0, extra_out))
-        if extra_in:
-            layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-            x = F.pad(x, (0, 0, 0, 0, 0, extra_in)).contiguous(memory_format=layout)
-        out = self._conv_forward(x, weight, bias)
-        return out[:, :self.out_channels] if extra_out else out
-
-
-def pad_narrow_convs(model: nn.Module) -> int:
-    """Every Conv2d with fewer than 8 input or output channels becomes a ChannelPaddedConv2d (same parameters);
-    returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.Conv2d and module.groups == 1 and min(module.in_channels, module.out_channels) < 8:
-            module.__class__ = ChannelPaddedConv2d
-            count += 1
-    return count
-
-
-PAD_NARROW_CONVS = {"enabled": False}
 
 
 def select(args) -> list[tuple[str, str, str]]:
@@ -540,11 +511,11 @@ def main() -> None:
                         help="after timing, print torch.profiler's operator table over this many steps")
     parser.add_argument("--ae-group-norm", choices=("layout-preserving", "torch"), default="layout-preserving",
                         help="our autoencoder's GroupNorm: as built (layout-preserving when compiled) or nn.GroupNorm")
-    parser.add_argument("--pad-narrow-convs", action="store_true",
-                        help="ours only: convs with fewer than 8 channels (RGB, latents) computed zero-padded to 8")
+    parser.add_argument("--ae-attention", choices=("as-built", "sdpa"), default="as-built",
+                        help="our autoencoder's attention: as built (512-channel heads written out when training) "
+                             "or scaled_dot_product_attention throughout")
     args = parser.parse_args()
-    apply_settings(args.inductor, args.sdpa_off, args.ae_group_norm)
-    PAD_NARROW_CONVS["enabled"] = args.pad_narrow_convs
+    apply_settings(args.inductor, args.sdpa_off, args.ae_group_norm, args.ae_attention)
     if args.steps is None:
         args.steps = 2 if args.dry_run else 20
     if args.warmup is None:

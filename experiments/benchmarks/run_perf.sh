@@ -10,11 +10,10 @@
 #   ae      peers.py: the kl-f4 pair's training step, ours and diffusers', compiled and eager
 #   ae-gn   peers.py: ours compiled with nn.GroupNorm in place of the layout-keeping form (the A/B of group_norm.py)
 #   ae-dec  peers.py: the kl-f4 decoder alone (sampling's decode), ours and diffusers', compiled and eager
-#   ae-attn peers.py: ours compiled with the mem_efficient SDPA backend off, then math only (head dim 512 in the
-#           middle block's attention is beyond flash attention)
-#   unet-ours peers.py: our LDM-4 UNet step compiled alone (the baseline of unet-pad without the peers)
-#   unet-pad, ae-pad  peers.py: ours compiled with the convs of fewer than 8 channels (RGB, latents) computed
-#           zero-padded to 8 (--pad-narrow-convs; same math): run after unet(-ours) / ae on the same GPU, the A/B
+#   unet-ours, ae-ours  peers.py: our LDM-4 UNet step / kl-f4 step compiled, alone (a baseline without the peers)
+#   ae-cd   peers.py: our kl-f4 step compiled with coordinate-descent tuning (slow to compile: 4+ min)
+#   ae-sdpa peers.py: our kl-f4 step compiled with SDPA for its 512-channel attention heads too (the A/B of
+#           blocks.single_head_attention; run after ae or ae-ours on the same GPU)
 #   profile peers.py: the profiler's operator table (3 steps) of the UNet and kl-f4 steps, ours and diffusers' compiled
 #   trace   debug=trace of the framework's LDM-4 training loop (run_trace.sh): the loop against the bare step
 #   sample  stage=benchmark celebahq-ldm-vq-4, sampling row (20 dpmpp_2m steps + decode, batch 128)
@@ -50,18 +49,17 @@ for part in $part; do case $part in
           unet_train/diffusers-eager ;;
   unet-cd) peers unet-cd --only unet_train/ours-compiled --inductor coordinate_descent_tuning=True ;;
   ae) peers ae --only ae_train ;;
+  ae-ours) peers ae-ours --only ae_train/ours-compiled ;;
+  ae-cd) peers ae-cd --only ae_train/ours-compiled --inductor coordinate_descent_tuning=True ;;
   ae-gn) peers ae-torch-gn --only ae_train/ours-compiled --ae-group-norm torch ;;
   ae-dec) peers ae-dec --only ae_decode ;;
-  ae-attn) peers ae-no-mem-efficient --only ae_train/ours-compiled --sdpa-off mem_efficient
-           peers ae-math --only ae_train/ours-compiled --sdpa-off mem_efficient flash cudnn ;;
   profile) peers profile --only unet_train compiled ae_train --profile 3 ;;
   unet-ours) peers unet-ours --only unet_train/ours-compiled ;;
-  unet-pad) peers unet-pad --only unet_train/ours-compiled --pad-narrow-convs ;;
-  ae-pad) peers ae-pad --only ae_train/ours-compiled --pad-narrow-convs ;;
+  ae-sdpa) peers ae-sdpa --only ae_train/ours-compiled --ae-attention sdpa ;;
   trace) TRACE_S=$(left) SKIP_INSTALL=1 bash experiments/benchmarks/run_trace.sh ;;
   sample) bench sample experiment=celebahq-ldm-vq-4 "benchmark.rows=[sampling]" benchmark.sample_batch_size=128 \
             benchmark.sample_repeats=2 ;;
   train) bench ldm4 experiment=celebahq-ldm-vq-4 "benchmark.rows=[cached,on_the_fly]"
          bench kl-f4 experiment=kl-f4 benchmark.batch_size=8 ;;
-  *) echo "PART must list unet, unet-cd, unet-ours, ae, ae-gn, ae-dec, ae-attn, unet-pad, ae-pad, profile, trace, sample or train"; exit 2 ;;
+  *) echo "PART must list unet, unet-cd, unet-ours, ae-ours, ae-cd, ae-sdpa, ae, ae-gn, ae-dec, profile, trace, sample or train"; exit 2 ;;
 esac; done

@@ -4,7 +4,7 @@ torch.compile and cuDNN warm-up), per GPU, efficiency = images/s on N GPUs / (N 
     python experiments/scaling/summarize.py <outputs root>  # expects <stage>/<model>-<variant>-<N>gpu/csv/metrics.csv
     python experiments/scaling/summarize.py <folder>        # or the flat <model>-<variant>-<N>gpu.csv of run.sh
     python experiments/scaling/summarize.py <root> --fastest ldm4 2  # the tag of the fastest ldm4 DDP run on 2 GPUs,
-                                                                     # as run.sh's WEAK_RUNS writes it ("whole/" or "")
+                                                                     # as run.sh's WEAK_RUNS writes it ("split/" or "")
 
 Efficiency is given against the same variant on 1 GPU and against the fastest 1-GPU run of the same model (e.g.
 ldm4-ddp-2gpu against ldm4-single-1gpu, the UNet compiled whole without DDP): the honest baseline.

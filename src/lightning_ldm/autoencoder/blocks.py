@@ -42,12 +42,37 @@ class ResnetBlock(nn.Module):
         return shortcut + h
 
 
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention over all H*W positions, with a residual connection.
+# The fused SDPA kernels (flash, cuDNN) stop at head dim 256. Beyond it PyTorch falls back to the
+# memory-efficient kernel, whose backward pass at the autoencoder's single 512-channel head took 43% of the
+# GPU time of a compiled kl-f4 training step on an H100: 50 ms per step, against ~10 ms for the same
+# attention as plain float32 matmuls (experiments/benchmarks/README.md, "Seventh session").
+FUSED_ATTENTION_MAX_HEAD_DIM = 256
+# The written-out form keeps the (B, L, L) attention weights for the backward pass. Past this many elements
+# (2 GiB in float32) the memory-efficient kernel's memory, linear in L, matters more than its speed.
+WRITTEN_OUT_ATTENTION_MAX_SCORES = 2**29
 
-    Uses scaled_dot_product_attention (softmax(q k^T / sqrt(C)) v) so that fused kernels avoid materialising
-    the (HW)^2 attention matrix at the 64^2 mid resolution of an f4 model.
-    """
+
+def single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(C)) v for (B, 1, L, C) tensors: SDPA's fused kernels, except when training with
+    a head too wide for them (C > 256), where matmuls in float32 are faster and at least as exact."""
+    batch, _, length, dim = q.shape
+    if (dim <= FUSED_ATTENTION_MAX_HEAD_DIM or not (torch.is_grad_enabled() and q.requires_grad)
+            or batch * length * length > WRITTEN_OUT_ATTENTION_MAX_SCORES):
+        # Inference (the encoder of stage 2, the decoder of sampling) keeps the kernel: its forward pass is
+        # as fast as the float32 matmuls and needs no (B, L, L) buffer.
+        return F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.matmul(q.float() * dim**-0.5, k.float().transpose(-1, -2))
+        # The softmax written out: inductor's pattern matcher turns a .softmax between two matmuls back into
+        # the SDPA call above. Subtracting the (detached) row maximum changes nothing but the exponent's range.
+        weights = (scores - scores.amax(dim=-1, keepdim=True).detach()).exp()
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return torch.matmul(weights, v.float()).to(q.dtype)
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention over all H*W positions, with a residual connection
+    (single_head_attention: fused kernels avoid materialising the (HW)^2 attention matrix where they apply)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -64,7 +89,7 @@ class AttnBlock(nn.Module):
         def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 1 head, HW, C)
             return t.reshape(b, 1, c, h * w).transpose(-1, -2)
 
-        out = F.scaled_dot_product_attention(tokens(self.q(normed)), tokens(self.k(normed)), tokens(self.v(normed)))
+        out = single_head_attention(tokens(self.q(normed)), tokens(self.k(normed)), tokens(self.v(normed)))
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
