@@ -69,7 +69,12 @@ def test_the_ddp_preset_uses_that_strategy(compose):
     from lightning_ldm.training.ddp import DDPOnCurrentStreamStrategy
     for trainer in ("ddp", "slurm"):
         cfg = compose("stage=diffusion", f"trainer={trainer}")
-        assert isinstance(instantiate(cfg.trainer.strategy), DDPOnCurrentStreamStrategy), trainer
+        strategy = instantiate(cfg.trainer.strategy)
+        assert isinstance(strategy, DDPOnCurrentStreamStrategy), trainer
+        # what DistributedDataParallel is built with (measured choices: experiments/scaling/README.md)
+        assert strategy._ddp_kwargs == {"find_unused_parameters": False, "gradient_as_bucket_view": True,
+                                        "bucket_cap_mb": 200}, trainer
+        assert strategy.compiled_ddp == "no_optimization"
 
 
 def test_compiled_ddp_sets_how_dynamo_splits_graphs_for_ddp(monkeypatch):

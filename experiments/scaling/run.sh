@@ -114,15 +114,16 @@ if phase weak; then
     wait
   }
   # Tags with their own overrides (see README "Fourth session"): how compile meets DDP (whole: no_optimization, the
-  # default since the seventh session; split: ddp_optimizer), bigger gradient buckets, eager DDP, the discriminator
-  # without SyncBatchNorm, and the profiler (debug=trace: 14 batches, fit-trace.txt comes back beside the CSV).
+  # default since the seventh session; split: ddp_optimizer), DDP's own 25 MB gradient buckets (small; ours are 200
+  # MB since the seventh session, "big" in earlier sections), eager DDP, the discriminator without SyncBatchNorm,
+  # and the profiler (debug=trace: 14 batches, fit-trace.txt comes back beside the CSV).
   : "${TAG_whole:=trainer.strategy.compiled_ddp=no_optimization}" "${TAG_split:=trainer.strategy.compiled_ddp=ddp_optimizer}"
-  : "${TAG_big:=+trainer.strategy.bucket_cap_mb=200}"
+  : "${TAG_small:=trainer.strategy.bucket_cap_mb=25}"
   : "${TAG_eager:=module.compile=false}" "${TAG_nosync:=trainer.sync_batchnorm=false}" "${TAG_trace:=debug=trace}"
   if [ -n "${WEAK_RUNS:-}" ]; then  # space-separated steps, one after another
     for run in $WEAK_RUNS; do step "$run"; done
   elif [ "$gpus" -ge 4 ]; then  # what DDP costs on one GPU without communication, per mode, all at once; then
-    step "ldm4:1@0+ldm4:1:ddp@1+split/ldm4:1:ddp@2+big/ldm4:1:ddp@3"  # both modes on 2 GPUs at once (README
+    step "ldm4:1@0+ldm4:1:ddp@1+split/ldm4:1:ddp@2+small/ldm4:1:ddp@3"  # both modes on 2 GPUs at once (README
     step "ldm4:2@0,1+split/ldm4:2@2,3"                                # "Fifth session" has the kl-f8 call)
   else
     step ldm4:1; step ldm4:1:ddp
