@@ -45,8 +45,9 @@ class ResnetBlock(nn.Module):
 # The fused SDPA kernels (flash, cuDNN) stop at head dim 256. Beyond it PyTorch falls back to the
 # memory-efficient kernel, whose backward pass at the autoencoder's single 512-channel head took 43% of the
 # GPU time of a compiled kl-f4 training step on an H100 (50 ms per step of batch 8; forward 4.4 ms). The same
-# attention as float32 matmuls is 1.65 TFLOP per step, ~35 ms at the H100's float32 rate, and exact
-# (experiments/benchmarks/README.md, "Seventh session", has the measurement plan).
+# attention as float32 matmuls is 1.65 TFLOP per step, an estimated ~37 ms at the H100's float32 rate, with
+# scores and weights kept in float32 where the kernel rounds them to bf16 (experiments/benchmarks/README.md,
+# "Seventh session", has the estimate and the A/B that will measure it).
 FUSED_ATTENTION_MAX_HEAD_DIM = 256
 # The written-out form keeps the (B, L, L) attention weights for the backward pass. Past this many elements
 # (2 GiB in float32) the memory-efficient kernel's memory, linear in L, matters more than its speed.
@@ -55,7 +56,7 @@ WRITTEN_OUT_ATTENTION_MAX_SCORES = 2**29
 
 def single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(C)) v for (B, 1, L, C) tensors: SDPA's fused kernels, except when training with
-    a head too wide for them (C > 256), where float32 matmuls are faster and at least as exact."""
+    a head too wide for them (C > 256), where float32 matmuls are faster and at least as precise."""
     batch, _, length, dim = q.shape
     if (dim <= FUSED_ATTENTION_MAX_HEAD_DIM or not (torch.is_grad_enabled() and q.requires_grad)
             or batch * length * length > WRITTEN_OUT_ATTENTION_MAX_SCORES):
