@@ -46,8 +46,8 @@ class ResnetBlock(nn.Module):
 # memory-efficient kernel, whose backward pass at the autoencoder's single 512-channel head took 43% of the
 # GPU time of a compiled kl-f4 training step on an H100 (50 ms per step of batch 8; forward 4.4 ms). The same
 # attention as float32 matmuls is 1.65 TFLOP per step, an estimated ~37 ms at the H100's float32 rate, with
-# the weights kept in float32 where the kernel rounds them to bf16 for its second matmul (experiments/benchmarks/README.md,
-# "Seventh session", has the estimate and the A/B that will measure it).
+# the weights kept in float32 where the kernel rounds them to bf16 for its second matmul
+# (experiments/benchmarks/README.md, "Seventh session", has the estimate and the A/B that will measure it).
 FUSED_ATTENTION_MAX_HEAD_DIM = 256
 # The written-out form keeps the (B, L, L) attention weights for the backward pass. Past this many elements
 # (2 GiB in float32) the memory-efficient kernel's memory, linear in L, matters more than its speed.
