@@ -197,17 +197,7 @@ def measure_sampling(module, options: DictConfig, device: torch.device, peak_tfl
         generate()
     if device.type == "cuda":
         module.prepare_for_sampling(compile=compile)
-    for _ in range(2):
-        generate()
-    times = []
-    for _ in range(options.sample_repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        generate()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = _wall_times(generate, options.sample_repeats, device, warmup=2)
     seconds = statistics.median(times)
     tflops = counter.get_total_flops() / seconds / 1e12
     rate = n / seconds
@@ -218,7 +208,7 @@ def measure_sampling(module, options: DictConfig, device: torch.device, peak_tfl
         with autocast:
             return module.decode_latents(z)
 
-    decode_seconds = _median_seconds(decode, options.sample_repeats, device)
+    decode_seconds = statistics.median(_wall_times(decode, options.sample_repeats, device, warmup=1))
     parts = {"solver": (seconds - decode_seconds) / n, "decode": decode_seconds / n}
     return Row(name=f"sampling: {options.sampler} {steps} steps + decode", batch_size=n,
                images_per_sec=round(rate, 2), step_ms=round(seconds * 1e3, 2),
@@ -231,9 +221,10 @@ def measure_sampling(module, options: DictConfig, device: torch.device, peak_tfl
                parts_ms_per_image={k: round(v * 1e3, 3) for k, v in parts.items()})
 
 
-def _median_seconds(work, repeats: int, device: torch.device) -> float:
-    """Median wall time of work() after one untimed call (compilation, cuDNN autotuning)."""
-    work()
+def _wall_times(work, repeats: int, device: torch.device, warmup: int) -> list[float]:
+    """Wall times of ``repeats`` calls of work() after ``warmup`` untimed ones (compilation, cuDNN autotuning)."""
+    for _ in range(warmup):
+        work()
     times = []
     for _ in range(max(repeats, 1)):
         if device.type == "cuda":
@@ -243,7 +234,7 @@ def _median_seconds(work, repeats: int, device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 # ------------------------------------------------------------------------------------------------ the task
