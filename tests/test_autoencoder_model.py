@@ -199,6 +199,26 @@ def test_wide_head_attention_written_out_equals_sdpa_in_value_and_gradients():
         assert blocks.single_head_attention(*(t.bfloat16() for t in (q, k, v))).dtype == torch.bfloat16
 
 
+def test_written_out_attention_scores_are_exact_on_tf32_tensor_cores(monkeypatch):
+    """On GPUs float32 matmuls run in TF32 (float32_matmul_precision=high): operands keep 10 mantissa bits. bf16 q
+    and k have 7, so q k^T loses nothing as long as nothing rounds them before the product (such as a scale)."""
+    def tf32(t: torch.Tensor) -> torch.Tensor:
+        return (t.float().view(torch.int32) & ~0x1FFF).view(torch.float32)  # drop the low 13 of 23 mantissa bits
+
+    products = []
+
+    def tf32_matmul(a, b):
+        products.append((tf32(a).double() @ tf32(b).double()).float())
+        return products[-1]
+
+    q, k, v = (t.bfloat16().requires_grad_() for t in qkv(2, 24, 512))
+    monkeypatch.setattr(torch, "matmul", tf32_matmul)
+    blocks.single_head_attention(q, k, v)
+    monkeypatch.undo()
+    exact = (q.detach().double() @ k.detach().double().transpose(-1, -2)).float()
+    assert torch.equal(products[0], exact)
+
+
 def test_sdpa_stays_where_its_kernels_are_fast_or_memory_matters(monkeypatch):
     calls = []
     sdpa = F.scaled_dot_product_attention

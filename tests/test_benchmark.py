@@ -22,6 +22,7 @@ def test_stage2_benchmark_writes_its_table_and_json(tmp_path):
     names = [row["name"] for row in report["rows"]]
     assert names == ["stage 2: cached latents", "stage 2: encoding on the fly", "sampling: dpmpp_2m 2 steps + decode"]
     assert report["stage"] == "diffusion" and report["device"] == "cpu" and report["compile"] is False
+    assert report["float32_matmul_precision"] == "high"  # the config default, set before the stage runs
     cached, on_the_fly, sampling = report["rows"]
     # FlopCounterMode counted real work: encoding on the fly adds the encoder's forward to the same UNet step.
     assert 0 < cached["gflop_per_image"] < on_the_fly["gflop_per_image"]

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -72,6 +73,25 @@ def test_wrong_types_are_named(compose):
     assert _error(compose, "autoencoder.regularizer=gauss").startswith(
         "autoencoder.regularizer: expected one of 'kl', 'vq'")
     assert _error(compose, "module.lr=fast") == "module.lr: expected float, got str 'fast'"
+
+
+def precision_seen_by_the_task(cfg):
+    return torch.get_float32_matmul_precision()
+
+
+@pytest.mark.parametrize("value", ["highest", "medium"])
+def test_float32_matmul_precision_is_set_before_the_task_runs(compose, value):
+    from lightning_ldm.__main__ import _main
+
+    cfg = compose(f"float32_matmul_precision={value}")
+    cfg.task.run = f"{__name__}.precision_seen_by_the_task"
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert _main(cfg) == value  # hydra.main passes a given config straight to the function
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert _error(compose, "float32_matmul_precision=fast").startswith(
+        "float32_matmul_precision: expected one of 'highest', 'high', 'medium'")
 
 
 def test_int_is_accepted_where_float_is_expected(compose):

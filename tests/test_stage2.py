@@ -445,3 +445,37 @@ def test_decoding_in_chunks_gives_the_same_images(trained, monkeypatch):
     monkeypatch.setattr(module_file, "DECODE_CHUNK", 2)
     chunked, _ = module.generate(5, x_T=x_T, steps=2)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting,on_gpu,accumulate,mode", [
+    (True, True, 1, "reduce-overhead"),
+    (True, True, 2, None),  # the graphs' pooled gradients would be overwritten between micro-batches
+    (False, True, 1, None),
+    (True, False, 1, None),  # CPUs have no CUDA graphs
+])
+def test_cuda_graphs_replay_the_compiled_step_on_gpus_without_accumulation(tmp_path, monkeypatch, setting, on_gpu,
+                                                                          accumulate, mode):
+    import lightning_ldm.diffusion.module as diffusion_module
+    import lightning_ldm.training.acceleration as acceleration
+
+    for where in (diffusion_module, acceleration):
+        monkeypatch.setattr(where, "training_on_gpu", lambda trainer: on_gpu)
+    module = pixel_module(compile=True, cuda_graphs=setting)
+    modes = []
+    monkeypatch.setattr(module.unet, "compile", lambda **options: modes.append(options.get("mode")))
+    module.trainer = make_trainer(tmp_path, 1, accumulate_grad_batches=accumulate)
+    module.setup("fit")
+    assert modes == [mode] and module.cuda_graphs == (mode is not None)
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+
+    class StepStarted(Exception):
+        pass
+
+    def step_work(batch):
+        raise StepStarted
+
+    monkeypatch.setattr(module, "latents_and_labels", step_work)
+    with pytest.raises(StepStarted):
+        module.training_step({}, 0)
+    assert len(marks) == (mode is not None)  # each step starts a new generation of graph outputs, before its work

@@ -3,7 +3,7 @@
 # peers and ours run in the same call, so their ratio is measured on one machine. One part per GPU at once:
 #   bash experiments/parallel.sh "unet@0: PART=unet bash experiments/benchmarks/run_perf.sh" \
 #     "ae@1: PART=ae bash experiments/benchmarks/run_perf.sh" "sample@2: PART='sample ae-gn' bash ..." \
-#     "train@3: PART=train bash ..."
+#     "train@3: PART='train-ldm4 train-ae' bash ..."
 # Parts (PART may list several, run one after another):
 #   unet    peers.py: our LDM-4 UNet training step against diffusers' UNet2DModel, both compiled, then eager
 #   unet-cd peers.py: ours compiled with inductor's coordinate-descent tuning of kernel configurations
@@ -17,7 +17,8 @@
 #   profile peers.py: the profiler's operator table (3 steps) of the UNet and kl-f4 steps, ours and diffusers' compiled
 #   trace   debug=trace of the framework's LDM-4 training loop (run_trace.sh): the loop against the bare step
 #   sample  stage=benchmark celebahq-ldm-vq-4, sampling row (20 dpmpp_2m steps + decode, batch 128)
-#   train   stage=benchmark celebahq-ldm-vq-4, cached and on-the-fly rows; then stage=benchmark kl-f4 (batch 8)
+#   train-ldm4  stage=benchmark celebahq-ldm-vq-4, cached and on-the-fly rows
+#   train-ae    stage=benchmark kl-f4 (batch 8): L1 only, then with LPIPS and the discriminator
 # LIMIT_S caps each part (default 540).
 set -uo pipefail
 part=${PART:-unet}
@@ -31,14 +32,17 @@ python3 -c "import torch, lightning, diffusers; print('torch', torch.__version__
 limit=${LIMIT_S:-540}
 end=$(( $(date +%s) + limit ))
 left() { echo $(( end - $(date +%s) )); }
+out_of_time() { [ "$(left)" -gt 30 ] && return 1; echo "$1: skipped, $(left) s left"; }
 peers() {  # peers <name> <peers.py arguments...>: one process, its JSON rewritten after every variant
   local name=$1; shift
+  out_of_time "peers $name" && return
   timeout "$(left)" python3 experiments/benchmarks/peers.py --steps 20 --warmup 3 --budget-s $(( $(left) - 10 )) \
     --out "$OUT/peers-$name.json" "$@" > "$OUT/peers-$name.log" 2>&1
   echo "peers $name: rc $?"; tail -8 "$OUT/peers-$name.log"
 }
 bench() {  # bench <name> <overrides...>: stage=benchmark, its JSON written after every row
   local name=$1; shift
+  out_of_time "benchmark $name" && return
   timeout "$(left)" python3 -m lightning_ldm stage=benchmark data.root=unused logger=none benchmark.warmup=8 \
     benchmark.steps=10 benchmark.repeats=3 benchmark.output="$OUT/benchmark-$name.json" "paths.output_root=/tmp/bench" \
     "$@" > "$OUT/benchmark-$name.log" 2>&1
@@ -59,7 +63,8 @@ for part in $part; do case $part in
   trace) TRACE_S=$(left) SKIP_INSTALL=1 bash experiments/benchmarks/run_trace.sh ;;
   sample) bench sample experiment=celebahq-ldm-vq-4 "benchmark.rows=[sampling]" benchmark.sample_batch_size=128 \
             benchmark.sample_repeats=2 ;;
-  train) bench ldm4 experiment=celebahq-ldm-vq-4 "benchmark.rows=[cached,on_the_fly]"
-         bench kl-f4 experiment=kl-f4 benchmark.batch_size=8 ;;
-  *) echo "PART must list unet, unet-cd, unet-ours, ae-ours, ae-cd, ae-sdpa, ae, ae-gn, ae-dec, profile, trace, sample or train"; exit 2 ;;
+  train-ldm4) bench ldm4 experiment=celebahq-ldm-vq-4 "benchmark.rows=[cached,on_the_fly]" ;;
+  train-ae) bench kl-f4 experiment=kl-f4 benchmark.batch_size=8 ;;
+  *) echo "PART must list unet, unet-cd, unet-ours, ae-ours, ae-cd, ae-sdpa, ae, ae-gn, ae-dec, profile, trace, sample,"\
+       "train-ldm4 or train-ae"; exit 2 ;;
 esac; done

@@ -116,9 +116,11 @@ if phase weak; then
   # Tags with their own overrides (see README "Fourth session"): how compile meets DDP (whole: no_optimization, the
   # default since the seventh session; split: ddp_optimizer), DDP's own 25 MB gradient buckets (small; ours are 200
   # MB since the seventh session, "big" in earlier sections), eager DDP, the discriminator without SyncBatchNorm,
-  # and the profiler (debug=trace: 14 batches, fit-trace.txt comes back beside the CSV).
+  # the profiler (debug=trace: 14 batches, fit-trace.txt comes back beside the CSV), and stage 2 without CUDA graphs
+  # (on by default since the eighth session).
   : "${TAG_whole:=trainer.strategy.compiled_ddp=no_optimization}" "${TAG_split:=trainer.strategy.compiled_ddp=ddp_optimizer}"
   : "${TAG_small:=trainer.strategy.bucket_cap_mb=25}"
+  : "${TAG_nographs:=module.cuda_graphs=false}"
   : "${TAG_eager:=module.compile=false}" "${TAG_nosync:=trainer.sync_batchnorm=false}" "${TAG_trace:=debug=trace}"
   if [ -n "${WEAK_RUNS:-}" ]; then  # space-separated steps, one after another
     for run in $WEAK_RUNS; do step "$run"; done

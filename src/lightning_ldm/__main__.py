@@ -11,6 +11,9 @@ from lightning_ldm.config.validate import validate_config
 def _main(cfg: DictConfig):
     with exit_on_user_error():
         validate_config(cfg)
+        import torch  # here, not at the top: --help and config errors answer without loading it
+
+        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)  # global: before anything is built
         return hydra.utils.get_method(cfg.task.run)(cfg)
 
 

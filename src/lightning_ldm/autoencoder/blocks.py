@@ -45,9 +45,11 @@ class ResnetBlock(nn.Module):
 # The fused SDPA kernels (flash, cuDNN) stop at head dim 256. Beyond it PyTorch falls back to the
 # memory-efficient kernel, whose backward pass at the autoencoder's single 512-channel head took 43% of the
 # GPU time of a compiled kl-f4 training step on an H100 (50 ms per step of batch 8; forward 4.4 ms). The same
-# attention as float32 matmuls is 1.65 TFLOP per step, an estimated ~37 ms at the H100's float32 rate, with
-# the weights kept in float32 where the kernel rounds them to bf16 for its second matmul
-# (experiments/benchmarks/README.md, "Seventh session", has the estimate and the A/B that will measure it).
+# attention as float32 matmuls on TF32 tensor cores (float32_matmul_precision=high, the default) made the
+# whole step 1.70x faster (116.31 -> 68.46 ms; experiments/benchmarks/README.md, "Eighth session").
+# TF32 loses nothing here: the bf16 q and k are exact in its 10-bit mantissa and accumulate in float32, so
+# q k^T is the float32 product; the weights enter the second matmul with 10 bits where the kernel gives
+# them bf16's 7.
 FUSED_ATTENTION_MAX_HEAD_DIM = 256
 # The written-out form keeps the (B, L, L) attention weights for the backward pass. Past this many elements
 # (2 GiB in float32) the memory-efficient kernel's memory, linear in L, matters more than its speed.
@@ -60,11 +62,12 @@ def single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     batch, _, length, dim = q.shape
     if (dim <= FUSED_ATTENTION_MAX_HEAD_DIM or not (torch.is_grad_enabled() and q.requires_grad)
             or batch * length * length > WRITTEN_OUT_ATTENTION_MAX_SCORES):
-        # Inference (the encoder of stage 2, the decoder of sampling) keeps the kernel: its forward pass alone
-        # is faster than float32 matmuls (2.2 ms per block against an estimated 5.5) and needs no (B, L, L) buffer.
+        # Inference (the encoder of stage 2, the decoder of sampling) keeps the kernel: only its backward pass
+        # is slow (the forward took 2.2 ms per block), and it needs no (B, L, L) buffer.
         return F.scaled_dot_product_attention(q, k, v)
     with torch.autocast(q.device.type, enabled=False):
-        scores = torch.matmul(q.float() * dim**-0.5, k.float().transpose(-1, -2))
+        # Scaled after the product, not before: q / sqrt(C) would no longer be exact in TF32.
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * dim**-0.5
         # The softmax written out: inductor's pattern matcher turns a .softmax between two matmuls back into
         # the SDPA call above. Subtracting the (detached) row maximum changes nothing but the exponent's range.
         weights = (scores - scores.amax(dim=-1, keepdim=True).detach()).exp()

@@ -102,6 +102,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "high"  # torch.set_float32_matmul_precision
     max_steps: int = 1000  # training batches (our own counter, not Lightning's global_step)
     max_train_seconds: Optional[float] = None  # also stop after this much training time (evaluation excluded)
     run_name: str = "run"

@@ -21,7 +21,7 @@ from lightning_ldm.latent.cache import load_or_build_cache
 from lightning_ldm.latent.first_stage import FrozenFirstStage
 from lightning_ldm.latent.scale import estimate_scale_factor, ranks_agree
 from lightning_ldm.training.acceleration import (channels_last_input, resolve_compile, training_on_gpu,
-                                                 use_channels_last)
+                                                 use_channels_last, use_cuda_graphs)
 from lightning_ldm.training.base import StepCountingModule
 from lightning_ldm.training.ema import EMA
 from lightning_ldm.training.images import log_image_grid
@@ -62,6 +62,7 @@ class DiffusionModule(StepCountingModule):
         image_log_every: int = 500,
         num_log_images: int = 16,
         compile: Optional[bool] = None,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__(max_steps, max_train_seconds)
         if conditioning != "none" and not num_classes:
@@ -90,6 +91,8 @@ class DiffusionModule(StepCountingModule):
         self.sampler_settings = dict(name=sampler, steps=sampler_steps, eta=sampler_eta, guidance_scale=guidance_scale)
         self.image_log_every, self.num_log_images = image_log_every, num_log_images
         self.compile_setting = compile
+        self.cuda_graphs_setting = cuda_graphs
+        self.cuda_graphs = False  # decided in setup, with the device and the accumulation known
         self.channels_last = False
         self._accelerated = False
         self.rebuild_config = {  # everything a checkpoint needs to rebuild this module without a config file
@@ -111,7 +114,8 @@ class DiffusionModule(StepCountingModule):
                 # The trained copy only: its shapes never change, sampling's do. Whole, under DDP too: compiled stage
                 # by stage (so gradient all-reduce could overlap the backward) the LDM-4 UNet trained 30% slower on
                 # one GPU and compiled 2.2x longer (experiments/scaling/README.md).
-                self.unet.compile()
+                self.cuda_graphs = use_cuda_graphs(self.cuda_graphs_setting, self.trainer)
+                self.unet.compile(mode="reduce-overhead" if self.cuda_graphs else None)
                 if not self.cache_latents and self.first_stage.autoencoder is not None:
                     self.first_stage.autoencoder.encoder.compile()  # encoding every batch: as hot as the UNet
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -233,6 +237,8 @@ class DiffusionModule(StepCountingModule):
         return (weights * per_sample).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         z0, labels = self.latents_and_labels(batch)
         loss = self.diffusion_loss(self.unet, z0, labels)
         self._loss_to_guard = loss

@@ -280,6 +280,7 @@ def benchmark(cfg: DictConfig) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "lightning": L.__version__, "precision": precision,
         "compile": target.module.get("compile") if target.module.get("compile") is not None else device.type == "cuda",
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "bf16_matmul_tflops": round(peak, 1) if peak else None,
         "image_size": target.data.image_size, "rows": [],
     }
@@ -351,8 +352,8 @@ def benchmark(cfg: DictConfig) -> dict:
 
 def format_table(result: dict) -> str:
     peak = result["bf16_matmul_tflops"]
-    lines = [f"{result['device']}, torch {result['torch']}, {result['precision']}, compile {result['compile']}"
-             + (f", bf16 matmul {peak} TFLOP/s" if peak else ""),
+    lines = [f"{result['device']}, torch {result['torch']}, {result['precision']}, compile {result['compile']}, "
+             f"float32 matmuls {result['float32_matmul_precision']}" + (f", bf16 matmul {peak} TFLOP/s" if peak else ""),
              "| row | batch | images/s | ms/step | GFLOP/image | TFLOP/s | MFU | peak GiB | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
