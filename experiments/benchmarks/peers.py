@@ -147,6 +147,9 @@ def build_unet(net: str) -> nn.Module:
     return UNet2DModel(**DIFFUSERS_UNET)
 
 
+DIFFUSERS_AE_ATTENTION = {"classic": False}
+
+
 def build_autoencoder(net: str) -> nn.Module:
     if net == "ours":
         from lightning_ldm.autoencoder import PAPER_PRESETS, Autoencoder
@@ -154,7 +157,12 @@ def build_autoencoder(net: str) -> nn.Module:
         return Autoencoder(**PAPER_PRESETS[AE_PRESET])
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**DIFFUSERS_KL_F4)
+    vae = AutoencoderKL(**DIFFUSERS_KL_F4)
+    if DIFFUSERS_AE_ATTENTION["classic"]:  # --diffusers-attention classic: baddbmm + softmax instead of SDPA
+        from diffusers.models.attention_processor import AttnProcessor
+
+        vae.set_attn_processor(AttnProcessor())
+    return vae
 
 
 def setup(group: str, net: str, shape: Shape, device: torch.device) -> Case:
@@ -514,7 +522,11 @@ def main() -> None:
     parser.add_argument("--ae-attention", choices=("as-built", "sdpa"), default="as-built",
                         help="our autoencoder's attention: as built (512-channel heads written out when training) "
                              "or scaled_dot_product_attention throughout")
+    parser.add_argument("--diffusers-attention", choices=("sdpa", "classic"), default="sdpa",
+                        help="AutoencoderKL's attention processor: diffusers' default (AttnProcessor2_0, SDPA) or "
+                             "its classic AttnProcessor (baddbmm + softmax): what a diffusers user could switch to")
     args = parser.parse_args()
+    DIFFUSERS_AE_ATTENTION["classic"] = args.diffusers_attention == "classic"
     apply_settings(args.inductor, args.sdpa_off, args.ae_group_norm, args.ae_attention)
     if args.steps is None:
         args.steps = 2 if args.dry_run else 20

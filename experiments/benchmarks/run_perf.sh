@@ -14,6 +14,8 @@
 #   ae-cd   peers.py: our kl-f4 step compiled with coordinate-descent tuning (slow to compile: 4+ min)
 #   ae-sdpa peers.py: our kl-f4 step compiled with SDPA for its 512-channel attention heads too (the A/B of
 #           blocks.single_head_attention; run after ae or ae-ours on the same GPU)
+#   ae-peer-classic  peers.py: diffusers' kl-f4 step, compiled and eager, with its classic attention processor
+#           (baddbmm + softmax, no SDPA kernel): the peer given the same way around the slow kernel as ours
 #   profile peers.py: the profiler's operator table (3 steps) of the UNet and kl-f4 steps, ours and diffusers' compiled
 #   trace   debug=trace of the framework's LDM-4 training loop (run_trace.sh): the loop against the bare step
 #   sample  stage=benchmark celebahq-ldm-vq-4, sampling row (20 dpmpp_2m steps + decode, batch 128)
@@ -59,6 +61,8 @@ for part in $part; do case $part in
   ae-dec) peers ae-dec --only ae_decode ;;
   profile) peers profile --only unet_train compiled ae_train --profile 3 ;;
   unet-ours) peers unet-ours --only unet_train/ours-compiled ;;
+  ae-peer-classic) peers ae-peer-classic --only ae_train/diffusers-compiled ae_train/diffusers-eager \
+                     --diffusers-attention classic ;;
   ae-sdpa) peers ae-sdpa --only ae_train/ours-compiled --ae-attention sdpa ;;
   trace) TRACE_S=$(left) SKIP_INSTALL=1 bash experiments/benchmarks/run_trace.sh ;;
   sample) bench sample experiment=celebahq-ldm-vq-4 "benchmark.rows=[sampling]" benchmark.sample_batch_size=128 \
@@ -66,5 +70,5 @@ for part in $part; do case $part in
   train-ldm4) bench ldm4 experiment=celebahq-ldm-vq-4 "benchmark.rows=[cached,on_the_fly]" ;;
   train-ae) bench kl-f4 experiment=kl-f4 benchmark.batch_size=8 ;;
   *) echo "PART must list unet, unet-cd, unet-ours, ae-ours, ae-cd, ae-sdpa, ae, ae-gn, ae-dec, profile, trace, sample,"\
-       "train-ldm4 or train-ae"; exit 2 ;;
+       "train-ldm4, train-ae or ae-peer-classic"; exit 2 ;;
 esac; done
