@@ -21,7 +21,7 @@
 #   sample  stage=benchmark celebahq-ldm-vq-4, sampling row (20 dpmpp_2m steps + decode, batch 128)
 #   train-ldm4  stage=benchmark celebahq-ldm-vq-4, cached and on-the-fly rows
 #   train-ae    stage=benchmark kl-f4 (batch 8): L1 only, then with LPIPS and the discriminator
-# LIMIT_S caps each part (default 540).
+# LIMIT_S caps all the listed parts together (default 540 s); a part that would start with 30 s or less left is skipped.
 set -uo pipefail
 part=${PART:-unet}
 [ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
