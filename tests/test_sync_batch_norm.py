@@ -51,7 +51,7 @@ def _worker(rank: int, init_file: str, out_dir: str, sizes: tuple[int, int]) -> 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes", [(3, 3), (5, 1)])
+@pytest.mark.parametrize("sizes", [(3, 3), (5, 1), (6, 0)])
 def test_two_ranks_normalise_like_one_batchnorm_over_their_union(tmp_path, sizes):
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), sizes), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
