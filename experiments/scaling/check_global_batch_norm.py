@@ -1,6 +1,6 @@
 """GlobalBatchNorm's CUDA path (PyTorch's fused SyncBatchNorm kernels) on 2 GPUs over NCCL, against nn.BatchNorm2d
-on the union of both ranks' slices in one process: outputs, input gradients, parameter gradients summed over ranks
-and running statistics, for float32 and bfloat16, contiguous and channels-last, equal and unequal slices (one of
+on the union of both ranks' slices in one process, both held to float64: outputs, input gradients, parameter
+gradients summed over ranks and running statistics, for float32 and bfloat16, contiguous and channels-last, equal and unequal slices (one of
 them empty). The CPU path is tested in tests/test_sync_batch_norm.py; this covers what a CPU cannot run.
 
     python experiments/scaling/check_global_batch_norm.py     # needs 2 GPUs; exits 1 on a mismatch
@@ -60,31 +60,44 @@ def _worker(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
+def _reference(x, weights, dtype):
+    """nn.BatchNorm2d over the whole batch: in ``dtype`` on the GPU, and in float64 (the truth both are held to)."""
+    norm = _norm(x.device).to(dtype if dtype == torch.float64 else torch.float32)
+    return [t.cpu().double() for t in _run(norm, x.to(dtype) if dtype == torch.float64 else x, weights)]
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "rendezvous"), tmp), nprocs=2, join=True)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    names = ["y", "dx", "dweight", "dbias", "running_mean", "running_var"]
     failures = 0
     for index, (dtype, layout, sizes) in enumerate(CASES):
         x, weights = _inputs(dtype, layout, torch.device("cuda", 0))
-        y, dx, dw, db, running_mean, running_var = [t.cpu() for t in _run(_norm(x.device), x, weights)]
-        r0, r1 = ranks[0][index], ranks[1][index]
-        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
-        checks = {"y": (torch.cat([r0[0], r1[0]]), y), "dx": (torch.cat([r0[1], r1[1]]), dx),
-                  "dweight": (r0[2] + r1[2], dw), "dbias": (r0[3] + r1[3], db),
-                  "running_mean": (r0[4], running_mean), "running_var": (r0[5], running_var),
-                  "ranks agree": (r1[5], r0[5])}
-        bad = []
-        for name, (ours, reference) in checks.items():
-            try:
-                torch.testing.assert_close(ours, reference, **tol)
-            except AssertionError:
-                bad.append(f"{name} (max |diff| {(ours - reference).abs().max().item():.3g})")
+        same_dtype = _reference(x, weights, dtype)
+        truth = _reference(x, weights, torch.float64)
+        r0, r1 = [[t.double() for t in r[index]] for r in ranks]
+        ours = [torch.cat([r0[0], r1[0]]), torch.cat([r0[1], r1[1]]), r0[2] + r1[2], r0[3] + r1[3], r0[4], r0[5]]
+        # Each quantity's largest error against float64, ours and BatchNorm2d's in the same dtype: ours may be at
+        # most 1.5x BatchNorm2d's error (plus a float32-sized allowance), or one unit of the dtype's rounding. In
+        # bfloat16 both kernels return the parameter gradients at bfloat16 precision (errors of 3e-3 to 7e-3 on
+        # an H100, ninth session), so which of the two is closer in a given case is chance.
+        rounding = torch.finfo(dtype).eps
+        bad, report = [], []
+        for name, o, ref, true in zip(names, ours, same_dtype, truth):
+            ours_error = ((o - true).abs().max() / true.abs().max().clamp_min(1e-12)).item()
+            ref_error = ((ref - true).abs().max() / true.abs().max().clamp_min(1e-12)).item()
+            report.append(f"{name} {ours_error:.1e}/{ref_error:.1e}")
+            if ours_error > max(1.5 * ref_error + 1e-5, rounding):
+                bad.append(name)
+        if not torch.equal(r0[5], r1[5]):
+            bad.append("running_var differs between ranks")
         failures += bool(bad)
         label = f"{str(dtype).split('.')[-1]:8s} {str(layout).split('.')[-1]:17s} slices {sizes}"
-        print(f"{label}: {'ok' if not bad else 'MISMATCH ' + ', '.join(bad)}")
-    print("GlobalBatchNorm on 2 GPUs matches BatchNorm2d over the union" if not failures
-          else f"{failures} of {len(CASES)} cases differ")
+        print(f"{label}: {'ok' if not bad else 'WORSE ' + ', '.join(bad)}  (relative error, ours/BatchNorm2d: "
+              f"{'; '.join(report)})")
+    print("GlobalBatchNorm on 2 GPUs is as accurate as BatchNorm2d over the union" if not failures
+          else f"{failures} of {len(CASES)} cases less accurate than BatchNorm2d")
     return 1 if failures else 0
 
 
