@@ -1,6 +1,8 @@
-"""GlobalBatchNorm on two gloo ranks, each holding half a batch, against nn.BatchNorm2d on the whole batch in one
-process: outputs, input gradients, parameter gradients (summed over ranks, as DDP's all-reduce before averaging)
-and running statistics must agree. Also the trainer=ddp wiring."""
+"""GlobalBatchNorm on two gloo ranks, each holding part of a batch (equal, unequal, or one slice empty), against
+nn.BatchNorm2d on the whole batch in one process: outputs, input gradients, parameter gradients (summed over
+ranks, as DDP's all-reduce before averaging) and running statistics must agree. This runs the CPU form of its
+formulas; experiments/scaling/check_global_batch_norm.py checks the fused CUDA kernels on two GPUs. Also the
+trainer=ddp wiring."""
 
 import os
 
