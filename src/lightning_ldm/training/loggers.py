@@ -71,6 +71,9 @@ def wandb_logger(*, save_dir: str, project: str = "lightning_ldm", name: Optiona
         id_file.write_text(run_id)
     logger = WandbLogger(project=project, name=name, group=group, tags=list(tags or []), job_type=job_type,
                          save_dir=save_dir, offline=offline, log_model=log_model, id=run_id, resume="allow")
+    # Lightning always passes wandb.init an ``anonymous`` argument (None when unset), and wandb 0.31 prints "The
+    # anonymous setting has no effect and will be removed" for any value: every run started with that line.
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     if offline and mode != "disabled":
         print(f"W&B: offline (no credentials found); upload later with: wandb sync {Path(save_dir) / 'wandb'}/offline-run-*")
     return logger
