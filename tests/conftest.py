@@ -73,3 +73,22 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+_TORCH_CONFIGS = ("torch._dynamo.config", "torch._inductor.config")
+
+
+@pytest.fixture(autouse=True)
+def torch_config_left_as_found():
+    """Every test leaves torch's compiler settings as it found them: change them only through their own
+    ``config.patch(...)``. (pytest's monkeypatch cannot restore them: its undo deletes the key.)"""
+    import importlib
+
+    modules = [importlib.import_module(name) for name in _TORCH_CONFIGS]
+    before = [module.get_config_copy() for module in modules]
+    yield
+    for name, module, old in zip(_TORCH_CONFIGS, modules, before):
+        new = module.get_config_copy()
+        changed = sorted(key for key in old.keys() | new.keys() if key not in old or key not in new
+                         or old[key] != new[key])
+        assert not changed, f"{name} changed by this test: {changed}"

@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from conftest import run_cli
 from lightning_ldm.cli import CONFIG_DIR
 from lightning_ldm.config.validate import validate_config
 from lightning_ldm.errors import ConfigError
@@ -112,5 +113,27 @@ def test_a_typo_inside_a_user_yaml_is_caught(compose, tmp_path):
         validate_config(bad)
 
 
-def test_config_dir_is_the_repositorys():
-    assert CONFIG_DIR == Path(__file__).resolve().parents[1] / "conf"
+def test_configs_are_package_data_and_the_repositorys_conf_is_them():
+    import lightning_ldm
+
+    assert CONFIG_DIR == Path(lightning_ldm.__file__).resolve().parent / "conf"
+    assert (CONFIG_DIR / "config.yaml").is_file()
+    assert (Path(__file__).resolve().parents[1] / "conf").resolve() == CONFIG_DIR
+
+
+def test_a_users_config_directory_adds_presets_and_overrides(tmp_path):
+    """Hydra's search path: --config-dir puts the user's directory before the package's configs, so it can add
+    presets to any group and override the package's own (docs: README, "Your own configs")."""
+    mine = tmp_path / "my_configs"
+    (mine / "experiment").mkdir(parents=True)
+    (mine / "experiment" / "my-digits.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /unet: small\nmax_steps: 123\nexperiment_name: mine\n")
+    (mine / "local").mkdir()
+    (mine / "local" / "default.yaml").write_text("# @package _global_\nseed: 77\n")
+    result = run_cli("--config-dir", str(mine), "stage=diffusion", "experiment=my-digits", "--cfg", "job",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = OmegaConf.create(result.stdout)
+    assert (printed.max_steps, printed.experiment_name, printed.seed) == (123, "mine", 77)
+    assert printed.unet.model_channels == 128  # unet=small, chosen by the user's preset
+

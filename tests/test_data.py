@@ -36,6 +36,16 @@ def digits():
     return dm
 
 
+def test_the_embedded_digits_file_is_the_one_recorded_beside_it():
+    import hashlib
+
+    from lightning_ldm.data.digits import MNIST_5K
+
+    digest = hashlib.sha256(MNIST_5K.read_bytes()).hexdigest()
+    assert digest in (MNIST_5K.parent / "README.md").read_text()
+    assert DigitsDataModule(batch_size=4).identity()["sha256"] == digest  # cache keys follow the file
+
+
 def test_digits_are_5000_real_padded_mnist_digits(digits):
     assert (digits.name, digits.channels, digits.image_size, digits.num_classes) == ("digits", 1, 32, 10)
     assert len(digits.train_dataset) + len(digits.val_dataset) == 5000

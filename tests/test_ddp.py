@@ -77,15 +77,20 @@ def test_the_ddp_preset_uses_that_strategy(compose):
         assert strategy.compiled_ddp == "no_optimization"
 
 
-def test_compiled_ddp_sets_how_dynamo_splits_graphs_for_ddp(monkeypatch):
+def test_compiled_ddp_sets_how_dynamo_splits_graphs_for_ddp_for_the_run_only():
     import torch._dynamo
 
     from lightning_ldm.training.ddp import DDPOnCurrentStreamStrategy
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # restored after the test
-    DDPOnCurrentStreamStrategy(compiled_ddp="ddp_optimizer")
-    assert torch._dynamo.config.optimize_ddp == "ddp_optimizer"
-    DDPOnCurrentStreamStrategy()  # the default, the faster one measured (experiments/scaling/README.md)
+    before = torch._dynamo.config.optimize_ddp
+    with DDPOnCurrentStreamStrategy(compiled_ddp="ddp_optimizer").dynamo_settings():
+        assert torch._dynamo.config.optimize_ddp == "ddp_optimizer"
+    assert torch._dynamo.config.optimize_ddp == before
+    strategy = DDPOnCurrentStreamStrategy()  # the default, the faster one measured (experiments/scaling/README.md)
+    assert torch._dynamo.config.optimize_ddp == before  # building the strategy changes nothing
+    strategy._run_settings.enter_context(strategy.dynamo_settings())  # what setup_environment does at fit start
     assert torch._dynamo.config.optimize_ddp == "no_optimization"
+    strategy._run_settings.close()  # what teardown does
+    assert torch._dynamo.config.optimize_ddp == before
     with pytest.raises(ValueError, match="compiled_ddp must be"):
         DDPOnCurrentStreamStrategy(compiled_ddp="python_reducer")
 
@@ -97,8 +102,7 @@ def test_a_wrong_compiled_ddp_value_is_one_clear_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("mode, split", [("ddp_optimizer", True), ("no_optimization", False)])
-def test_compiled_ddp_decides_whether_a_compiled_network_is_split_at_gradient_buckets(tmp_path, monkeypatch, mode,
-                                                                                          split):
+def test_compiled_ddp_decides_whether_a_compiled_network_is_split_at_gradient_buckets(tmp_path, mode, split):
     """The knob's effect, with DDP's real integration in torch.compile: one process of gloo, a network compiled
     inside the DDP-wrapped module as the stages do, a bucket per layer, and a backend that counts graphs."""
     import torch._dynamo
@@ -107,8 +111,6 @@ def test_compiled_ddp_decides_whether_a_compiled_network_is_split_at_gradient_bu
     from torch.nn.parallel import DistributedDataParallel
 
     from lightning_ldm.training.ddp import DDPOnCurrentStreamStrategy
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
-    DDPOnCurrentStreamStrategy(compiled_ddp=mode)
     graphs = []
 
     def counting_backend(graph_module, example_inputs):
@@ -125,11 +127,12 @@ def test_compiled_ddp_decides_whether_a_compiled_network_is_split_at_gradient_bu
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        torch._dynamo.reset()
-        model = Wrapped()
-        model.net.compile(backend=counting_backend)
-        ddp = DistributedDataParallel(model, bucket_cap_mb=1)  # 1 MB per layer's weight: a bucket each
-        ddp(torch.randn(4, 512)).sum().backward()
+        with DDPOnCurrentStreamStrategy(compiled_ddp=mode).dynamo_settings():
+            torch._dynamo.reset()
+            model = Wrapped()
+            model.net.compile(backend=counting_backend)
+            ddp = DistributedDataParallel(model, bucket_cap_mb=1)  # 1 MB per layer's weight: a bucket each
+            ddp(torch.randn(4, 512)).sum().backward()
     finally:
         dist.destroy_process_group()
         torch._dynamo.reset()

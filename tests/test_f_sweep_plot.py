@@ -11,7 +11,6 @@ import pytest
 
 from conftest import REPO
 
-pytest.importorskip("matplotlib")
 
 FRAMEWORK_COLUMNS = ["epoch", "perf/images_per_sec", "perf/train_seconds", "step", "train/ema_decay", "train/loss",
                      "train/lr", "val/fd-cifar10-resnet9@5000", "val/fd-cifar10-resnet9@5000_best", "val/loss"]

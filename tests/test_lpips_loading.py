@@ -75,7 +75,7 @@ def test_load_from_explicit_path(loaded: FrozenLPIPS, vgg_features: dict[str, to
     assert not lpips_module.training and not any(m.training for m in lpips_module.modules())
     assert not any(p.requires_grad for p in lpips_module.parameters())
 
-    # The calibrated linear heads come from the lpips wheel: non-negative, not a fresh random init.
+    # The calibrated linear heads ship with torchmetrics: non-negative, not a fresh random init.
     heads = [p for n, p in lpips_module.named_parameters() if n.startswith("model.lin")]
     assert len(heads) == 5 and all((h >= 0).all() and h.abs().sum() > 0 for h in heads)
 
@@ -161,3 +161,34 @@ def test_unreadable_file_raises_checkpoint_error(tmp_path: Path) -> None:
     path.write_text("<html>404 Not Found</html>")
     with pytest.raises(CheckpointError, match=str(path)):
         load_lpips(str(path))
+
+
+def test_distance_is_the_lpips_formula(loaded: FrozenLPIPS) -> None:
+    """Zhang et al. 2018, Eq. 1: d(x, y) = sum_l mean_hw || w_l * (f_l(x) - f_l(y)) ||^2, where f_l are the
+    channel-normalised VGG16 activations after relu1_2 ... relu5_3 of inputs shifted and scaled per channel,
+    recomputed here from the trunk's convolutions and the heads' weights alone."""
+    torch.manual_seed(2)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    y = (x + 0.4 * torch.randn_like(x)).clamp(-1, 1)
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    convs = [m for m in loaded.model.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    heads = [[m for m in head.modules() if isinstance(m, torch.nn.Conv2d)][0].weight.flatten()
+             for head in loaded.model.lins]
+    pool_after = {1, 3, 6, 9}  # VGG16's max-pools follow conv 2, 4, 7 and 10 (0-based 1, 3, 6, 9)
+    tap_after = {1, 3, 6, 9, 12}  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+    def activations(image: torch.Tensor) -> list[torch.Tensor]:
+        h, taps = (image - shift) / scale, []
+        for index, conv in enumerate(convs):
+            h = torch.relu(torch.nn.functional.conv2d(h, conv.weight, conv.bias, padding=1))
+            if index in tap_after:
+                taps.append(h / h.pow(2).sum(1, keepdim=True).add(1e-8).sqrt())
+            if index in pool_after:
+                h = torch.nn.functional.max_pool2d(h, 2)
+        return taps
+
+    expected = sum((w.view(1, -1, 1, 1) * (a - b) ** 2).sum(1).mean((1, 2))
+                   for w, a, b in zip(heads, activations(x), activations(y)))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, y).flatten(), expected, rtol=1e-4, atol=1e-7)

@@ -4,6 +4,8 @@ generator's toggled optimizer must not trigger one). Compiled with fullgraph=Tru
 counting backend that runs the traced graphs eagerly, so the test takes seconds, not inductor's minutes.
 """
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -28,22 +30,26 @@ def compiled_once(monkeypatch, with_callback):
 
     monkeypatch.setattr(torch, "compile", counting_compile)
     frames = {}
+    settings = contextlib.ExitStack()  # torch's config is changed only through its own patch(), undone at the end
 
     class FreezeAfterWarmUp(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if batch_idx == WARM:
                 frames["warm"] = counter.frame_count
-                torch._dynamo.config.error_on_recompile = True  # any later recompilation raises
+                forbid_recompiles()
+
+    def forbid_recompiles() -> None:  # any later recompilation raises
+        settings.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
 
     with_callback(FreezeAfterWarmUp())
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)  # restored after the test
     torch._dynamo.reset()
-    yield counter, frames
+    with torch._dynamo.config.patch(error_on_recompile=False), settings:  # settings undone first
+        yield counter, frames, forbid_recompiles
     torch._dynamo.reset()
 
 
 def test_stage2_compiles_the_unet_once(compose, tmp_path, compiled_once):
-    counter, frames = compiled_once
+    counter, frames, _ = compiled_once
     cfg = compose(*QUIET, "stage=diffusion", "autoencoder=identity", "unet=tiny", "max_steps=8",
                   "module.warmup_steps=5", "module.num_log_images=0", "module.conditioning=adm",
                   "module.num_classes=10", f"paths.run_dir={tmp_path / 'run'}")
@@ -52,7 +58,7 @@ def test_stage2_compiles_the_unet_once(compose, tmp_path, compiled_once):
 
 
 def test_stage1_compiles_encoder_and_decoder_once(compose, tmp_path, compiled_once):
-    counter, frames = compiled_once
+    counter, frames, _ = compiled_once
     cfg = compose(*QUIET, "stage=autoencoder", "autoencoder=kl-f4-small", "max_steps=6", "loss.disc_start=4",
                   "module.image_log_every=0", f"paths.run_dir={tmp_path / 'run'}")
     train_task.fit(cfg)
@@ -63,12 +69,12 @@ def test_sampling_compiles_the_network_once_for_every_solver_step(compose, compi
     """The sample stage compiles the EMA network (and decoder): one graph serves every solver step and batch."""
     from hydra.utils import instantiate
 
-    counter, _ = compiled_once
+    counter, _, forbid_recompiles = compiled_once
     module = instantiate(compose("stage=diffusion", "autoencoder=identity", "unet=tiny", "module.conditioning=adm",
                                  "module.num_classes=10", "module.guidance_scale=2.0").module)
     module.prepare_for_sampling(compile=True)
     module.generate(3, steps=4, generator=torch.Generator().manual_seed(0))
     after_first = counter.frame_count
-    torch._dynamo.config.error_on_recompile = True
+    forbid_recompiles()
     module.generate(3, steps=4, generator=torch.Generator().manual_seed(1))
     assert after_first >= 1 and counter.frame_count == after_first

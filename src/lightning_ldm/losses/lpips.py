@@ -1,13 +1,13 @@
 """LPIPS (Zhang et al. 2018) with a VGG16 trunk, loaded from local files only.
 
-The `lpips` package provides the network definition and ships the calibrated linear heads
-(lpips/weights/v0.1/vgg.pth). The ImageNet VGG16 trunk it would normally fetch through torchvision is loaded
-here from torchvision's own cache file instead, so a machine without internet fails at start-up with a
-message saying which file to copy where, rather than hanging on a download or training with a random trunk.
+torchmetrics provides the network (the same slices, scaling layer and v0.1 linear heads as the authors' `lpips`
+package, whose calibrated heads it ships as lpips_models/vgg.pth). The ImageNet VGG16 trunk it would normally
+fetch through torchvision is loaded here from torchvision's own cache file instead, so a machine without
+internet fails at start-up with a message saying which file to copy where, rather than hanging on a download or
+training with a random trunk.
 """
 
 import os
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -44,9 +44,9 @@ def find_vgg16_weights(weights_path: Optional[str] = None) -> Path:
 
 
 def _lpips_linear_weights_path() -> Path:
-    import lpips
+    from torchmetrics.functional.image import lpips
 
-    return Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+    return Path(lpips.__file__).parent / "lpips_models" / "vgg.pth"
 
 
 def _read_state_dict(path: Path) -> dict:
@@ -62,7 +62,7 @@ def _read_state_dict(path: Path) -> dict:
 
 
 def _copy_vgg16_features(model: nn.Module, state: dict, path: Path) -> None:
-    """Copy torchvision's `features.<i>.*` tensors into lpips' slices, which keep torchvision's indices as names.
+    """Copy torchvision's `features.<i>.*` tensors into the LPIPS slices, which keep torchvision's indices as names.
 
     Strict: every trunk tensor must be present with its shape, and no other `features.*` key may exist.
     """
@@ -102,7 +102,7 @@ class FrozenLPIPS(nn.Module):
         self.train(False)
 
     def train(self, mode: bool = True) -> "FrozenLPIPS":
-        # A parent's .train() must not re-enable the dropout in lpips' linear heads.
+        # A parent's .train() must not re-enable the dropout in the linear heads.
         return super().train(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,20 +111,19 @@ class FrozenLPIPS(nn.Module):
 
 
 def load_lpips(weights_path: Optional[str] = None) -> FrozenLPIPS:
-    """Build LPIPS-VGG with the calibrated heads of the `lpips` wheel and the VGG16 trunk from a local file."""
+    """Build LPIPS-VGG with the calibrated heads that torchmetrics ships and the VGG16 trunk from a local file."""
     vgg_path = find_vgg16_weights(weights_path)
     linear_path = _lpips_linear_weights_path()
     if not linear_path.is_file():
-        raise MissingWeightsError(f"the lpips package lacks its linear weights {linear_path}: "
-                                  f"reinstall it (pip install --force-reinstall lpips)")
+        raise MissingWeightsError(f"torchmetrics lacks the LPIPS linear weights {linear_path}: "
+                                  f"reinstall it (pip install --force-reinstall torchmetrics)")
 
     state = _read_state_dict(vgg_path)  # before the (slow) network construction: fail fast
 
-    import lpips
+    # A private class (hence torchmetrics' upper bound in pyproject.toml): the public metric always builds an
+    # ImageNet trunk through torchvision, which downloads it. pnet_rand=True builds a random trunk instead.
+    from torchmetrics.functional.image.lpips import _LPIPS
 
-    with warnings.catch_warnings():
-        # lpips passes torchvision's deprecated `pretrained=` argument; pnet_rand=True makes it False (no download).
-        warnings.simplefilter("ignore", UserWarning)
-        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    model = _LPIPS(pretrained=True, net="vgg", pnet_rand=True, model_path=str(linear_path))
     _copy_vgg16_features(model, state, vgg_path)
     return FrozenLPIPS(model)

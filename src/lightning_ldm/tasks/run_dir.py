@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 _PACKAGES = ("lightning_ldm", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics",
-             "torch-fidelity", "wandb", "lpips", "safetensors", "numpy")
+             "torch-fidelity", "wandb", "safetensors", "numpy")
 
 
 def git_revision(start: Path) -> str:

@@ -20,6 +20,7 @@ that (experiments/scaling/README.md, "Seventh session").
 (sync_batch_norm.py) rather than torch's SyncBatchNorm.
 """
 
+import contextlib
 from typing import Literal, Optional
 
 import torch._dynamo
@@ -39,8 +40,21 @@ class DDPOnCurrentStreamStrategy(DDPStrategy):
             raise ValueError(f"compiled_ddp must be 'ddp_optimizer' or 'no_optimization', got {compiled_ddp!r}")
         super().__init__(*args, **kwargs)
         self.compiled_ddp = compiled_ddp
-        # Process-wide: every rank builds this strategy from the same config before anything is compiled.
-        torch._dynamo.config.optimize_ddp = compiled_ddp
+        self._run_settings = contextlib.ExitStack()
+
+    def dynamo_settings(self) -> contextlib.AbstractContextManager:
+        """torch._dynamo's optimize_ddp for the graphs traced inside this context, restored on exit."""
+        return torch._dynamo.config.patch(optimize_ddp=self.compiled_ddp)
+
+    def setup_environment(self) -> None:
+        # Before anything is compiled (graphs are traced at the first forward pass), until teardown: a later run in
+        # the same process (a sweep's next trial) starts from torch's own setting again.
+        self._run_settings.enter_context(self.dynamo_settings())
+        super().setup_environment()
+
+    def teardown(self) -> None:
+        super().teardown()
+        self._run_settings.close()
 
     @property
     def _layer_sync(self) -> Optional[LayerSync]:

@@ -77,3 +77,14 @@ def wandb_logger(*, save_dir: str, project: str = "lightning_ldm", name: Optiona
     if offline and mode != "disabled":
         print(f"W&B: offline (no credentials found); upload later with: wandb sync {Path(save_dir) / 'wandb'}/offline-run-*")
     return logger
+
+
+def tensorboard_logger(*, save_dir: str, name: str = "tensorboard", version: str = ""):
+    """Lightning's TensorBoardLogger, once the tensorboard extra is known to be installed (Lightning would
+    otherwise fail at the first log call, deep inside the run)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_ldm.extras import require_extra
+
+    require_extra("tensorboard")
+    return TensorBoardLogger(save_dir=save_dir, name=name, version=version)
