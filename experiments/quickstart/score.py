@@ -1,7 +1,7 @@
 """Score digit samples with a classifier of the embedded digits: how many read as a digit, and how far their
 features are from held-out digits, beside a ladder of known degradations of real digits at the same n.
 
-    PYTHONPATH=src python experiments/quickstart/score.py --extractor outputs/feature_extractors/digits-resnet9-w16 \\
+    PYTHONPATH=src python experiments/quickstart/score.py --extractor outputs/feature_extractors/digits-resnet9/digits-resnet9.pt \\
         --samples before=outputs/sample/quickstart/images after=... --out experiments/quickstart/score.json
 
 - **Confident share**: the fraction of samples whose largest softmax probability is at least ``--confidence``
@@ -77,17 +77,15 @@ RUNGS = ("real digits", "jpeg q50", "blur 3x3", "noise 0.2", "pure noise")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--extractor", required=True, help="the classifier bundle (train_classifier.py --out)")
+    parser.add_argument("--extractor", required=True, help="the classifier bundle (<train_classifier.py --out>/<name>.pt)")
     parser.add_argument("--samples", nargs="+", required=True, help="NAME=FOLDER of png samples")
     parser.add_argument("--confidence", type=float, default=0.9)
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args()
     torch.manual_seed(0)
-    bundle = Path(args.extractor)
-    path = bundle / "extractor.pt" if bundle.is_dir() else bundle
     extractor = build_feature_extractor(FeatureExtractorSpec(kind="checkpoint", name="digits-resnet9",
-                                                             path=str(path), feature_layer="pool"))
+                                                             path=args.extractor, feature_layer="pool"))
     dm = DigitsDataModule()
     dm.setup()
     train, heldout = split_uint8(dm, dm.train_dataset), split_uint8(dm, dm.val_dataset)
