@@ -95,5 +95,5 @@ done
 $PY experiments/quickstart/score.py --extractor "$WORK/extractor/digits-resnet9.pt" --samples "${samples[@]}" --out "$OUT/score.json"
 cp "$WORK/extractor/digits-resnet9.pt" "$WORK/extractor/result.json" "$OUT/"
 tar -C "$WORK" -czf "$OUT/runs.tgz" --exclude='*.ckpt' --exclude='*.safetensors' --exclude=latent_cache \
-  --exclude='images' --exclude=first64 --exclude=extractor .
+  --exclude=first64 --exclude=extractor .
 stamp done

@@ -6,6 +6,9 @@ features are from held-out digits, beside a ladder of known degradations of real
 
 - **Confident share**: the fraction of samples whose largest softmax probability is at least ``--confidence``
   (0.9): the classifier reads one digit in them. On real held-out digits it is about 99%.
+- **Precision** (Kynkaanniemi et al. 2019, k = 3): the fraction of samples inside the k-NN balls of the held-out
+  digits' features. Confidence alone is fooled (the classifier is as sure of pure noise as of a digit: see the
+  ladder); precision is not.
 - **FD**: the Frechet distance of the samples' features (the classifier's 512-d ``pool`` output) to those of the
   500 held-out digits (``data=digits`` split, never seen by the classifier or the models). It is biased by n, so
   every set is compared with the ladder at its own n.
@@ -28,6 +31,7 @@ from PIL import Image
 from lightning_ldm.data.digits import DigitsDataModule
 from lightning_ldm.metrics.features import FeatureExtractorSpec, build_feature_extractor
 from lightning_ldm.metrics.frechet import GaussianStatistics, distance_to_reference
+from lightning_ldm.metrics.scores import precision_recall
 
 
 def load_pngs(folder: Path) -> torch.Tensor:
@@ -46,7 +50,7 @@ def split_uint8(dm: DigitsDataModule, view) -> torch.Tensor:
 def read(extractor, images: torch.Tensor, confidence: float) -> dict:
     """Features, and what the classifier's head makes of them."""
     with torch.no_grad():
-        features = torch.cat([extractor(chunk)["features"] for chunk in images.split(256)])
+        features = torch.cat([extractor(chunk.to(extractor.device))["features"] for chunk in images.split(256)])
         net = extractor.net
         probs = (net.head(features) * net.logit_scale).softmax(-1)
     top, label = probs.max(-1)
@@ -84,12 +88,17 @@ def main() -> None:
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args()
     torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     extractor = build_feature_extractor(FeatureExtractorSpec(kind="checkpoint", name="digits-resnet9",
-                                                             path=args.extractor, feature_layer="pool"))
+                                                             path=args.extractor, feature_layer="pool"), device=device)
     dm = DigitsDataModule()
     dm.setup()
     train, heldout = split_uint8(dm, dm.train_dataset), split_uint8(dm, dm.val_dataset)
-    reference = GaussianStatistics.from_features(read(extractor, heldout, args.confidence)["features"])
+    reference_features = read(extractor, heldout, args.confidence)["features"]
+    reference = GaussianStatistics.from_features(reference_features)
+
+    def precision(features: torch.Tensor) -> float:
+        return precision_recall(features, reference_features)["precision"]
 
     results = {"extractor": extractor.describe(), "confidence": args.confidence, "reference": "500 held-out digits",
                "samples": {}, "ladder": {}}
@@ -99,31 +108,32 @@ def main() -> None:
         images = load_pngs(Path(folder))
         scored = read(extractor, images, args.confidence)
         results["samples"][name] = {"folder": folder, "n": len(images), "confident": scored["confident"],
-                                    "confident_classes": scored["classes"],
+                                    "confident_classes": scored["classes"], "precision": precision(scored["features"]),
                                     "fd": distance_to_reference(reference, scored["features"])}
         sizes.add(len(images))
     generator = torch.Generator().manual_seed(0)
     for n in sorted(sizes):
         rows = {}
         for rung in RUNGS:
-            fds, shares = [], []
+            fds, shares, precisions = [], [], []
             for _ in range(args.draws):
                 draw = train[torch.randperm(len(train), generator=generator)[:n]]
                 scored = read(extractor, degrade(draw, rung, generator), args.confidence)
                 fds.append(distance_to_reference(reference, scored["features"]))
                 shares.append(scored["confident"])
+                precisions.append(precision(scored["features"]))
             rows[rung] = {"fd_mean": float(np.mean(fds)), "fd_min": min(fds), "fd_max": max(fds),
-                          "confident_mean": float(np.mean(shares))}
+                          "confident_mean": float(np.mean(shares)), "precision_mean": float(np.mean(precisions))}
         results["ladder"][str(n)] = rows
 
     for n in sorted(sizes):
-        print(f"\nn = {n}                     confident   FD (ladder: mean [min, max] of {args.draws} draws)")
+        print(f"\nn = {n:<20} confident  precision        FD (ladder: mean [min, max] of {args.draws} draws)")
         for name, row in results["samples"].items():
             if row["n"] == n:
-                print(f"  {name:<22} {row['confident']:8.1%}   {row['fd']:8.1f}")
+                print(f"  {name:<22} {row['confident']:8.1%} {row['precision']:10.1%} {row['fd']:10.1f}")
         for rung, row in results["ladder"][str(n)].items():
-            print(f"  [{rung}]{'':<{20 - len(rung)}} {row['confident_mean']:8.1%}   {row['fd_mean']:8.1f} "
-                  f"[{row['fd_min']:.1f}, {row['fd_max']:.1f}]")
+            print(f"  [{rung}]{'':<{20 - len(rung)}} {row['confident_mean']:8.1%} {row['precision_mean']:10.1%} "
+                  f"{row['fd_mean']:10.1f} [{row['fd_min']:.1f}, {row['fd_max']:.1f}]")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 

@@ -94,9 +94,6 @@ class StepCountingModule(L.LightningModule):
         if self.batch_step >= self.max_steps:
             print(f"Training already reached max_steps={self.max_steps}; nothing to do.")
             self.trainer.should_stop = True
-        # Lightning's logger step counts batches but is restored one short when the checkpoint was written at
-        # the end of a batch; our own counter is the authority.
-        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.batch_step
 
     def on_train_end(self) -> None:
         self.stop_if_nonfinite(everything=True)  # a run that ended otherwise than at max_steps (signal, epochs)
@@ -139,6 +136,9 @@ class StepCountingModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.stop_if_nonfinite()
+        # The loggers' x axis is Lightning's count of batches, which a resume restores one off or not, depending on
+        # when its loop state is reloaded relative to on_train_start; our own counter is the authority, every batch.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.batch_step
         self._agreed_seconds_this_batch = None
         # Callbacks' on_train_batch_end (a step-triggered ModelCheckpoint, FID) runs before ours: a checkpoint
         # written there holds this batch's update, so it must count this batch (see on_save_checkpoint).
