@@ -8,7 +8,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 install:
 	$(PYTHON) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[test]"
 
-# Both stages on the embedded digits, then samples (offline, on a CPU: about 10 minutes on 2 cores).
+# Both stages on the embedded digits, then samples (offline, on a CPU: about 5 minutes on 2 cores).
 # Rerunning resumes the same runs (run_name=quickstart), so it finishes at once when nothing is left to do.
 quickstart: install
 	$(PYTHON) -m lightning_ldm stage=autoencoder run_name=quickstart
