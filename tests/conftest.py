@@ -44,8 +44,8 @@ def with_callback(monkeypatch):
     def add(callback) -> None:
         build = train_task.build_trainer
 
-        def build_with_callback(cfg, run_dir):
-            trainer = build(cfg, run_dir)
+        def build_with_callback(cfg, run_dir, **kwargs):
+            trainer = build(cfg, run_dir, **kwargs)
             trainer.callbacks.append(callback)
             return trainer
 

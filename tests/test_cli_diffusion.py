@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -89,3 +90,32 @@ def test_a_file_that_is_not_an_export_is_refused(tmp_path):
 
 def test_sample_without_any_checkpoint_is_one_line(tmp_path):
     assert_one_line_error(run_cli("stage=sample", cwd=tmp_path), "no stage-2 checkpoint", "sample.ckpt=")
+
+
+def test_a_sample_file_cut_short_is_made_again_on_rerun(pipeline):
+    cwd, results = pipeline
+    image = cwd / "outputs" / "sample" / "s" / "images" / "000002.png"
+    whole = image.read_bytes()
+    before = np.asarray(Image.open(image), dtype=np.int16)
+    image.write_bytes(whole[: len(whole) // 2])  # what a crash mid-write left behind before writes were atomic
+    rerun = run_cli("stage=sample", "run_name=s", "sample.num_samples=6", "sample.batch_size=4", "sample.steps=3",
+                    cwd=cwd)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "1 existing sample file(s) are unreadable and are made again: 000002.png" in rerun.stdout
+    # Seeded: the same image again, whole (up to rounding: it is now made in a batch of one, not of four).
+    assert np.abs(np.asarray(Image.open(image), dtype=np.int16) - before).max() <= 2
+    assert not list(image.parent.glob(".*tmp*"))
+    history = json.loads((image.parent.parent / "run_info.json").read_text())["history"]
+    assert [entry["event"] for entry in history] == ["start", "start"]
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_rather_than_sampled_black(pipeline, tmp_path):
+    cwd, _ = pipeline
+    checkpoint = torch.load(cwd / "outputs/diffusion/ldm/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    key = next(k for k in checkpoint["state_dict"] if k.startswith("ema.") and k.endswith("weight"))
+    checkpoint["state_dict"][key].fill_(float("nan"))
+    torch.save(checkpoint, tmp_path / "diverged.ckpt")
+    result = run_cli("stage=sample", "run_name=diverged", f"sample.ckpt={tmp_path / 'diverged.ckpt'}",
+                     "sample.num_samples=2", "sample.steps=2", cwd=cwd)
+    assert_one_line_error(result, "non-finite images", "diverged.ckpt")
+    assert not list((cwd / "outputs/sample/diverged/images").glob("*.png"))

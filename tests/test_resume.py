@@ -1,6 +1,7 @@
 """Exact resume and pre-emption: N + N steps across an interruption equal 2N steps without one."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -68,23 +69,47 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(compose, tmp_
         torch.testing.assert_close(ema_resumed[key], ema_full[key], rtol=1e-5, atol=1e-7)
 
 
-def test_sigterm_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, export):
+def _steps(metrics: Path) -> list[int]:
+    return [int(row["step"]) for row in csv.DictReader(open(metrics)) if row.get("train/loss")]
+
+
+# SIGTERM (pre-emption) and the first Ctrl-C both save a checkpoint at the end of the batch; the exit status says
+# the run did not finish. Rerunning resumes, and metrics.csv keeps its history: each batch logged once, in order.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_keeps_the_logged_history(tmp_path, export, signum):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "lightning_ldm", *STAGE2, "max_steps=100000", "run_name=pre",
-               f"autoencoder.path={export}", "trainer.val_check_interval=1000"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    metrics = tmp_path / "outputs" / "diffusion" / "pre" / "csv" / "metrics.csv"
+    command = [sys.executable, "-m", "lightning_ldm", *STAGE2, "run_name=pre", f"autoencoder.path={export}",
+               "trainer.val_check_interval=1000"]
+    process = subprocess.Popen([*command, "max_steps=100000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "outputs" / "diffusion" / "pre"
+    metrics = run_dir / "csv" / "metrics.csv"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") > 3):
         time.sleep(0.5)  # wait until training is under way (the CSV logger flushes every few steps)
         if process.poll() is not None:
             break
-    process.send_signal(signal.SIGTERM)
+    # A second command on the same run while the first trains: refused, naming the first.
+    second = subprocess.run([*command, "max_steps=100000"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 2 and f"is in use by pid {process.pid}" in second.stderr, second.stderr[-2000:]
+    process.send_signal(signum)
     output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-3000:]
-    assert "Pre-empted: checkpoint saved to" in output and "Traceback" not in output, output[-3000:]
-    checkpoint = torch.load(tmp_path / "outputs" / "diffusion" / "pre" / "checkpoints" / "last.ckpt",
-                            map_location="cpu", weights_only=False)
-    assert checkpoint["batch_step"] > 0 and "rng_states" in checkpoint
+    assert process.returncode == 128 + signum, output[-3000:]
+    assert f"Stopped by {signum.name}: checkpoint saved to" in output and "Traceback" not in output, output[-3000:]
+    assert "Not finished" in output
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    stopped_at = checkpoint["batch_step"]
+    assert stopped_at > 0 and "rng_states" in checkpoint and checkpoint["run_config"]["task"]["name"] == "diffusion"
+    assert _steps(metrics) == list(range(stopped_at))
+
+    resumed = subprocess.run([*command, f"max_steps={stopped_at + 3}"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _steps(metrics) == list(range(stopped_at + 3))
+    history = json.loads((run_dir / "run_info.json").read_text())["history"]
+    assert [(e["event"], e.get("at_batch"), e.get("status")) for e in history] == [
+        ("start", None, None), ("end", stopped_at, f"stopped by {signum.name}"),
+        ("resume", stopped_at, None), ("end", stopped_at + 3, "finished")]
+    assert history[2]["changes"]["max_steps"] == [100000, stopped_at + 3]

@@ -427,8 +427,8 @@ def test_a_diverging_run_stops_without_nan_weights(tmp_path):
                              schedule=NoiseSchedule(), image_size=32, num_log_images=0, lr=1e30, max_steps=20)
     with pytest.raises(NonFiniteLossError) as error:
         make_trainer(tmp_path, 20).fit(module, datamodule=FewDigits(batch_size=4))
-    assert_one_line(error, "diffusion", "the weights never took that update")
-    path = Path(str(error.value).split("state saved to ")[1].split(". ")[0])
+    assert_one_line(error, "diffusion", "for diagnosis", "resume=auto continues from checkpoints/last.ckpt")
+    path = Path(str(error.value).split("state saved to ")[1].split(" for diagnosis")[0])
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     weights = [v for k, v in checkpoint["state_dict"].items() if k.startswith(("unet.", "ema.model."))]
     assert all(torch.isfinite(w).all() for w in weights if w.is_floating_point())

@@ -91,7 +91,7 @@ def test_each_trial_has_its_own_directory_and_finished_wandb_run_grouped_by_swee
     assert [r["name"].rsplit("/", 1)[-1] for r in runs.values()] == ["0", "1", "2"]
     assert [r["exit_code"] for r in runs.values()] == [0, 1, 0]  # each finished; the failed one as failed
     for n, lr in ((0, "0.001"), (2, "0.002")):
-        assert f"module.lr={lr}" in (sweep_dir / str(n) / ".hydra" / "overrides.yaml").read_text()
+        assert f"module.lr={lr}" in json.loads((sweep_dir / str(n) / "run_info.json").read_text())["overrides"]
 
 
 def test_a_sweep_where_every_trial_failed_ends_with_one_line_error():

@@ -1,15 +1,19 @@
 """Where the configs live, and how errors reach the user: one line for bad input, a traceback for bugs."""
 
+import errno
 import os
 import sys
 from pathlib import Path
 
-from lightning_ldm.errors import ConfigError, UserError
+from lightning_ldm.errors import ConfigError, RunInterrupted, UserError
 from lightning_ldm.extras import extra_installed, missing_extra_message
 
 # The configs are package data, so an installed wheel finds them as an editable install does; users add their own
 # directories to Hydra's search path (--config-dir, hydra.searchpath).
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+
+# Where the file system refuses (read-only or full output folder, no permission): the user's to fix, in one line.
+_USER_FIXABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def _default_precision() -> str:
@@ -37,8 +41,7 @@ def quiet_known_warnings() -> None:
     for message in (r".*isinstance\(treespec, LeafSpec\).*",  # lightning on torch >= 2.10
                     r".*does not have many workers.*",  # the embedded digits are in memory: workers don't help
                     r".*'set_vital' is deprecated.*",  # torchdata's StatefulDataLoader on recent torch
-                    r".*module\(s\) in eval mode at the start of training.*",  # the frozen first stage and EMA
-                    r".*Experiment logs directory .* exists and is not empty.*"):  # resumed runs
+                    r".*module\(s\) in eval mode at the start of training.*"):  # the frozen first stage and EMA
         warnings.filterwarnings("ignore", message=message)
 
 
@@ -176,6 +179,14 @@ def run_reporting_errors(hydra_main) -> None:
         else:
             print_error(error, prefix="config: ")
         sys.exit(2)
+    except RunInterrupted as stop:
+        print(str(stop), file=sys.stderr)
+        sys.exit(128 + stop.signum)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as error:
+        if error.errno not in _USER_FIXABLE_ERRNOS:
+            raise
+        print_error(error)  # names the file: "[Errno 13] Permission denied: '/path'"
+        sys.exit(2)

@@ -28,3 +28,15 @@ class MissingWeightsError(UserError):
 
 class NonFiniteLossError(UserError):
     """A loss became NaN or inf; training stopped after saving a checkpoint."""
+
+
+class RunInterrupted(BaseException):
+    """Training stopped before its end by a signal (pre-emption, Ctrl-C) after saving a checkpoint.
+
+    A BaseException, like KeyboardInterrupt: it ends a sweep rather than counting as one failed trial. The entry
+    point prints its message and exits with the shell's status for the signal (128 + its number).
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = int(signum)

@@ -6,7 +6,6 @@ written atomically (temporary file + rename), so a crash while saving never leav
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lightning_ldm.atomic import atomic_path
 from lightning_ldm.autoencoder.model import Autoencoder
 from lightning_ldm.errors import CheckpointError
 from lightning_ldm.strict_loading import load_state_strictly
@@ -34,9 +34,8 @@ def save_autoencoder_export(model: Autoencoder, path: Path, *, data: Optional[di
         "data": json.dumps(data or {}),
         "info": json.dumps(info or {}),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

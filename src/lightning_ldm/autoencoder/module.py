@@ -37,7 +37,7 @@ class AutoencoderModule(StepCountingModule):
         num_log_images: int = 8,
         compile: Optional[bool] = None,
     ) -> None:
-        super().__init__(max_steps, max_train_seconds)
+        super().__init__(max_steps, max_train_seconds, lr=lr)
         if accumulate_grad_batches < 1:
             raise ConfigError(f"module.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.autoencoder = autoencoder

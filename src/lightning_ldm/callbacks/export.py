@@ -40,7 +40,10 @@ class AutoencoderExport(_ExportCallback):
         datamodule = getattr(trainer, "datamodule", None)
         data = datamodule.identity() if datamodule is not None and hasattr(datamodule, "identity") else {}
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        info = {"batch_step": module.batch_step, "metrics": metrics, "run_dir": str(trainer.default_root_dir)}
+        # complete: the run reached its end (max_steps or max_train_seconds); exports written at validations and by a
+        # pre-empted run are not, and stage 2's search for an export passes them over.
+        info = {"batch_step": module.batch_step, "max_steps": module.max_steps, "complete": bool(module.reached_end),
+                "metrics": metrics, "run_dir": str(trainer.default_root_dir)}
         save_autoencoder_export(module.autoencoder, path, data=data, info=info)
 
 

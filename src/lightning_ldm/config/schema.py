@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 
+def at_least(minimum: int, default: Any) -> Any:
+    """A field whose value ``validate.py`` requires to be at least ``minimum`` (None passes where allowed)."""
+    return field(default=default, metadata={"min": minimum})
+
+
 @dataclass
 class PathsConfig:
     root_dir: str = "."
@@ -27,20 +32,20 @@ class SampleConfig:
     """``stage=sample`` (see conf/stage/sample.yaml for what each key means)."""
 
     ckpt: Optional[str] = None
-    num_samples: int = 64
-    seed_start: int = 0
-    batch_size: int = 64
+    num_samples: int = at_least(1, 64)
+    seed_start: int = at_least(0, 0)
+    batch_size: int = at_least(1, 64)
     sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "dpmpp_2m"
-    steps: int = 20
+    steps: int = at_least(1, 20)
     eta: Optional[float] = None
     guidance_scale: float = 1.0
     classes: Optional[list[int]] = None
     use_ema: bool = True
     format: Literal["png", "npz"] = "png"
     output_dir: Optional[str] = None
-    grid_size: int = 64
+    grid_size: int = at_least(0, 64)
     accelerator: str = "auto"
-    devices: int = 1
+    devices: int = at_least(1, 1)
     precision: Optional[str] = None
     compile: Optional[bool] = None
 
@@ -50,11 +55,11 @@ class EvaluateConfig:
     """``stage=evaluate`` (see conf/stage/evaluate.yaml for what each key means)."""
 
     ckpt: Optional[str] = None
-    num_samples: int = 50000
-    seed_start: int = 0
-    batch_size: int = 250
+    num_samples: int = at_least(1, 50000)
+    seed_start: int = at_least(0, 0)
+    batch_size: int = at_least(1, 250)
     sampler: Optional[Literal["ddpm", "ddim", "dpmpp_2m"]] = None
-    steps: Optional[int] = None
+    steps: Optional[int] = at_least(1, None)
     eta: Optional[float] = None
     guidance_scale: Optional[float] = None
     classes: Optional[list[int]] = None
@@ -103,7 +108,7 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     float32_matmul_precision: Literal["highest", "high", "medium"] = "high"  # torch.set_float32_matmul_precision
-    max_steps: int = 1000  # training batches (our own counter, not Lightning's global_step)
+    max_steps: int = at_least(1, 1000)  # training batches (our own counter, not Lightning's global_step)
     max_train_seconds: Optional[float] = None  # also stop after this much training time (evaluation excluded)
     run_name: str = "run"
     resume: Optional[str] = None  # "auto" (last checkpoint of this run directory) or a checkpoint path

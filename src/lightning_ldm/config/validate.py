@@ -48,6 +48,7 @@ def _check_dataclass(node: DictConfig, schema: type, prefix: str) -> None:
             _check_dataclass(child, hints[key], prefix=f"{full}.")
         elif hints[key] is not Any:
             _check_value(node, key, hints[key], full)
+            _check_minimum(node, key, fields[key].metadata.get("min"), full)
 
 
 def _walk(node: Any, prefix: str) -> None:
@@ -125,6 +126,14 @@ def _check_value(node: DictConfig, key: str, annotation: Any, full: str) -> None
         raise ConfigError(f"{full}: cannot resolve value ({error})") from None
     if not _matches(value, annotation):
         raise ConfigError(f"{full}: expected {_type_name(annotation)}, got {_show(value)}")
+
+
+def _check_minimum(node: DictConfig, key: str, minimum: Optional[int], full: str) -> None:
+    if minimum is None or OmegaConf.is_missing(node, key):
+        return
+    value = node[key]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+        raise ConfigError(f"{full}: must be at least {minimum}, got {value}")
 
 
 def _matches(value: Any, annotation: Any) -> bool:

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from lightning_ldm.data.base import ImageDataModule
 from lightning_ldm.data.transforms import PIL_MODES, center_crop_resize, pil_to_uint8
@@ -136,16 +137,22 @@ class ImageFiles:
             ) from None
         return pixels, self.labels[index]
 
-    def find_corrupt(self) -> list[tuple[int, str]]:
-        """(index, description) of files whose header PIL cannot parse (Image.open + verify; no decoding)."""
-        corrupt = []
-        for index, member in enumerate(self.members):
+    def inspect(self) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """From the headers alone (Image.open + verify; no decoding): (index, description) of the files PIL cannot
+        parse, and (smaller side, description) of those smaller than ``image_size``, which are upscaled."""
+        corrupt, small = [], []
+        for index, member in tqdm(list(enumerate(self.members)), desc="checking images", leave=False,
+                                  disable=len(self.members) < 10000):
             try:
                 with self.store.open(member) as file, Image.open(file) as image:
+                    side = min(image.size)
                     image.verify()
             except Exception as error:
                 corrupt.append((index, f"{self.store.describe(member)} ({_reason(error)})"))
-        return corrupt
+                continue
+            if side < self.image_size:
+                small.append((side, self.store.describe(member)))
+        return corrupt, small
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -264,7 +271,11 @@ class ImageFolderDataModule(ImageDataModule):
         files = self._scan()
         if not self.verify:
             return files
-        corrupt = files.find_corrupt()
+        corrupt, small = files.inspect()
+        if small:
+            side, example = min(small)
+            print(f"warning: {len(small)} of {len(files)} images are smaller than data.image_size={self.image_size} and "
+                  f"are upscaled to it (smallest side {side} px: {example}); a smaller data.image_size avoids this")
         if corrupt and self.on_corrupt == "error":
             raise DataError(
                 f"corrupt image {corrupt[0][1]}"

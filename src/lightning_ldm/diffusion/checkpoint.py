@@ -7,7 +7,6 @@ EMA-only export (``*.safetensors``: EMA UNet + first stage + scale factor, confi
 
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lightning_ldm.atomic import atomic_path
 from lightning_ldm.diffusion.module import DiffusionModule
 from lightning_ldm.diffusion.schedules import NoiseSchedule
 from lightning_ldm.errors import CheckpointError
@@ -74,10 +74,10 @@ def save_ema_export(module: DiffusionModule, path: Path) -> Path:
     tensors.update({f"first_stage.{k}": v for k, v in module.first_stage.state_dict().items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"format": EXPORT_FORMAT, "config": json.dumps(module.rebuild_config),
-                "batch_step": str(module.batch_step), "ema_updates": str(module.ema.num_updates)}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+                "batch_step": str(module.batch_step), "ema_updates": str(module.ema.num_updates),
+                "max_steps": str(module.max_steps), "complete": str(bool(getattr(module, "reached_end", False))).lower()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

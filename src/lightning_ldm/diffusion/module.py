@@ -64,7 +64,7 @@ class DiffusionModule(StepCountingModule):
         compile: Optional[bool] = None,
         cuda_graphs: bool = True,
     ) -> None:
-        super().__init__(max_steps, max_train_seconds)
+        super().__init__(max_steps, max_train_seconds, lr=lr)
         if conditioning != "none" and not num_classes:
             raise ConfigError(f"module.conditioning={conditioning} needs module.num_classes (classes in the data)")
         if image_size % first_stage.downsampling_factor:

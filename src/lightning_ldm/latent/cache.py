@@ -11,7 +11,6 @@ identity and preprocessing: any change gives a new key, so a stale cache is neve
 import copy
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from lightning_ldm.atomic import atomic_path
 from lightning_ldm.data.base import ImageDataLoader
 
 CACHE_VERSION = 1
@@ -106,10 +106,8 @@ def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.
         cache = encode_dataset(first_stage, datamodule.train_dataset, flip=bool(getattr(datamodule, "flip", False)),
                                batch_size=max(64, datamodule.batch_size), device=device,
                                num_workers=getattr(datamodule, "num_workers", 0))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(cache, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(cache, tmp)
     elif is_global_zero:
         print(f"Latent cache: reusing {path}")
     barrier()

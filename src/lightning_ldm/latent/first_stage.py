@@ -97,13 +97,22 @@ def _architecture(config: dict) -> dict:
     return {"regularizer": config.get("regularizer"), "downsampling_factor": 2 ** (len(config.get("ch_mult", [1])) - 1)}
 
 
-def newest_matching_export(search_root: Path, data_identity: dict, expected: Optional[dict] = None) -> Path:
+def describe_progress(info: dict) -> str:
+    """'' for a finished export; else where its run stopped."""
+    if info.get("complete", True):  # exports written before the flag existed count as finished
+        return ""
+    return f"unfinished: written at batch {info.get('batch_step', '?')} of {info.get('max_steps', '?')}"
+
+
+def newest_matching_export(search_root: Path, data_identity: dict, expected: Optional[dict] = None,
+                           allow_incomplete: bool = False) -> Path:
     """The most recent ``export/autoencoder.safetensors`` under ``search_root`` trained on the same data (and,
-    if ``expected`` names them, with that regulariser and downsampling factor)."""
+    if ``expected`` names them, with that regulariser and downsampling factor), of a run that finished unless
+    ``allow_incomplete``."""
     keys = ("name", "image_size", "channels")
     wanted = {k: data_identity.get(k) for k in keys}
     expected = {k: v for k, v in (expected or {}).items() if v is not None}
-    candidates = []
+    candidates, unfinished = [], []
     for path in Path(search_root).glob("**/export/autoencoder.safetensors"):
         try:
             metadata = read_export_metadata(path)
@@ -111,7 +120,14 @@ def newest_matching_export(search_root: Path, data_identity: dict, expected: Opt
             continue
         architecture = _architecture(metadata["config"])
         if {k: metadata["data"].get(k) for k in keys} == wanted and all(architecture[k] == v for k, v in expected.items()):
-            candidates.append((path.stat().st_mtime, path))
+            progress = describe_progress(metadata["info"])
+            (unfinished if progress and not allow_incomplete else candidates).append((path.stat().st_mtime, path, progress))
+    if not candidates and unfinished:
+        _, path, progress = max(unfinished)
+        raise CheckpointError(
+            f"the only stage-1 exports for data {json.dumps(wanted)} under {search_root} are of runs that did not "
+            f"finish (newest: {path}, {progress}); rerun its command to finish it, or pass "
+            "autoencoder.allow_incomplete=true (or autoencoder.path=...) to use it as it is")
     if not candidates:
         raise CheckpointError(
             f"no stage-1 export for data {json.dumps(wanted)}{' and ' + json.dumps(expected) if expected else ''} "
@@ -123,7 +139,7 @@ def newest_matching_export(search_root: Path, data_identity: dict, expected: Opt
 def load_first_stage(*, path: Optional[str] = None, search_root: str = "outputs", data=None,
                      scale_factor: Optional[float] = None, sample_posterior: bool = True,
                      regularizer: Optional[Literal["kl", "vq"]] = None,
-                     downsampling_factor: Optional[int] = None) -> FrozenFirstStage:
+                     downsampling_factor: Optional[int] = None, allow_incomplete: bool = False) -> FrozenFirstStage:
     """Load a stage-1 export strictly: by ``path``, or the newest export of the same data under ``search_root``.
 
     ``scale_factor``: None estimates 1/std of the latents at the start of training (VQ latents stay unscaled,
@@ -134,14 +150,16 @@ def load_first_stage(*, path: Optional[str] = None, search_root: str = "outputs"
     if path is None:
         if data is None or not hasattr(data, "identity"):
             raise ConfigError("autoencoder.path is not set and there is no data identity to search exports by")
-        export = newest_matching_export(Path(search_root), data.identity(), expected)
-        print(f"First stage: newest matching stage-1 export {export}")
+        export = newest_matching_export(Path(search_root), data.identity(), expected, allow_incomplete)
+        what = "newest matching stage-1 export"
     else:
         export = Path(path).expanduser()
         if export.suffix == ".ckpt":
             return first_stage_from_checkpoint(export, sample_posterior)
-        print(f"First stage: {export}")
+        what = "stage-1 export"
     model, metadata = load_autoencoder_export(export)
+    progress = describe_progress(metadata["info"])
+    print(f"First stage: {what} {export}" + (f" (warning: {progress})" if progress else ""))
     config = metadata["config"]
     mismatched = {k: v for k, v in expected.items() if v is not None and _architecture(config)[k] != v}
     if mismatched:
@@ -177,7 +195,10 @@ def first_stage_from_checkpoint(path: Path, sample_posterior: bool) -> FrozenFir
         state = {k[len("first_stage."):]: v for k, v in checkpoint["state_dict"].items()
                  if k.startswith("first_stage.")}
     except Exception as error:
-        raise CheckpointError(f"{path} holds no lightning_ldm stage-2 first stage ({type(error).__name__})") from None
+        export = path.parent.parent / "export" / "autoencoder.safetensors"  # <run>/checkpoints/x.ckpt -> <run>/export
+        hint = (f"; a stage-1 run's model for stage 2 is its export: autoencoder.path={export}" if export.is_file()
+                else "; stage 2 loads a stage-1 export (<stage-1 run>/export/autoencoder.safetensors) or a stage-2 checkpoint")
+        raise CheckpointError(f"{path} holds no lightning_ldm stage-2 first stage ({type(error).__name__}){hint}") from None
     first_stage = rebuild_first_stage(config, sample_posterior)
     load_state_strictly(first_stage, state, path)
     print(f"First stage: from the stage-2 checkpoint {path} (originally {first_stage.source or 'identity'})")

@@ -30,6 +30,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
+from lightning_ldm.atomic import atomic_path
 from lightning_ldm.errors import CheckpointError, ConfigError, MissingWeightsError
 from lightning_ldm.metrics.weights import INCEPTION, STANDARD_INCEPTION_SHA256, file_sha256, locate_weights
 
@@ -249,8 +250,9 @@ def save_extractor_checkpoint(net: nn.Module, path: str | Path, *, target: str, 
                 raise ValueError(f"{name}: |value| up to {largest:g} does not fit {dtype}; save it in float32")
             value = value.to(dtype)
         state[name] = value
-    torch.save({"_target_": target, "kwargs": dict(kwargs or {}), "feature_layer": feature_layer,
-                "state_dict": state}, path)
+    with atomic_path(path) as tmp:
+        torch.save({"_target_": target, "kwargs": dict(kwargs or {}), "feature_layer": feature_layer,
+                    "state_dict": state}, tmp)
     return path
 
 

@@ -15,7 +15,6 @@ changes, so the statistics are recomputed; keep them and the file is reused with
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_ldm.atomic import atomic_path
 from lightning_ldm.errors import ConfigError
 from lightning_ldm.metrics.distributed import broadcast_object, gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import FeatureExtractor
@@ -139,10 +139,8 @@ def _save(reference: Reference) -> None:
               "sqrt_sigma": stats.root().cpu().numpy(), "key": np.array(json.dumps(reference.key, default=str))}
     if reference.features is not None:
         arrays["features"] = reference.features.cpu().numpy()
-    reference.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = reference.path.with_name(f".{reference.path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, reference.path)  # atomic: a reader never sees half a file
+    with atomic_path(reference.path) as tmp, open(tmp, "wb") as handle:  # a file object: savez adds no suffix
+        np.savez(handle, **arrays)
 
 
 def _load(path: Path, key: dict, need_features: bool) -> Optional[Reference]:

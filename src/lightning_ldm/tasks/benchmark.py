@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_ldm import atomic
 from lightning_ldm.data.synthetic import SyntheticDataModule
 from lightning_ldm.errors import ConfigError, MissingWeightsError
 
@@ -292,7 +293,7 @@ def benchmark(cfg: DictConfig) -> dict:
         rates = {r["name"]: r["images_per_sec"] for r in result["rows"]}
         if CACHED in rates and ON_THE_FLY in rates:
             result["cached_over_on_the_fly"] = round(rates[CACHED] / rates[ON_THE_FLY], 3)
-        output.write_text(json.dumps(result, indent=2))
+        atomic.write_text(output, json.dumps(result, indent=2))
         print(f"{row.name}: {row.images_per_sec} images/s", flush=True)
 
     scratch = Path(tempfile.mkdtemp(prefix="ldm-benchmark-"))

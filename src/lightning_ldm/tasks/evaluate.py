@@ -15,7 +15,6 @@ depend on the device count for deterministic samplers.
 """
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from lightning_ldm import atomic
 from lightning_ldm.errors import CheckpointError, ConfigError
 from lightning_ldm.metrics.callback import as_spec
 from lightning_ldm.metrics.distributed import gather_rows, rank_and_world, shard
@@ -37,6 +37,7 @@ from lightning_ldm.metrics.sampling import SamplingSettings, generated_features
 from lightning_ldm.metrics.scores import distribution_metrics
 from lightning_ldm.metrics.weights import file_sha256
 from lightning_ldm.tasks.run_dir import git_revision, package_versions, record_run
+from lightning_ldm.tasks.run_lock import holds_run_lock
 from lightning_ldm.training.images import make_grid, save_png, to_uint8
 
 
@@ -59,6 +60,7 @@ def checkpoint_kind(path: Path) -> str:
     return kinds[form]
 
 
+@holds_run_lock
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     options = cfg.evaluate
     if options.ckpt is None:
@@ -95,9 +97,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "versions": package_versions(),
     }
     path = Path(options.report) if options.report else ckpt.parent / f"{ckpt.stem}.eval-{_tag(kind, details)}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str))
-    shutil.copyfile(path, run_dir / "report.json")
+    text = json.dumps(report, indent=2, default=str)
+    atomic.write_text(path, text)
+    atomic.write_text(run_dir / "report.json", text)
     if grid is not None:
         save_png(grid, run_dir / "grid.png")
     against = f" (against the {details['reference_split']} split)" if "reference_split" in details else ""

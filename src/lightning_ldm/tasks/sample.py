@@ -3,8 +3,8 @@
 Image i comes from seed i: its starting noise x_T is drawn from ``torch.Generator().manual_seed(i)``, so a
 deterministic sampler (DDIM eta=0, DPM-Solver++) gives the same image for a seed whatever the batch size or
 the number of GPUs, and a seed range can be split across runs. Stochastic samplers (DDPM, DDIM eta>0) draw
-their step noise from a generator seeded by the batch's first seed. Images already on disk are skipped, so
-an interrupted run resumes by rerunning it.
+their step noise from a generator seeded by the batch's first seed. Every file is written atomically, and
+images already on disk that read back whole are skipped, so an interrupted run resumes by rerunning it.
 """
 
 from pathlib import Path
@@ -18,8 +18,10 @@ from tqdm import tqdm
 
 from lightning_ldm.diffusion.checkpoint import load_diffusion_model, newest_checkpoint
 from lightning_ldm.errors import CheckpointError, ConfigError
+from lightning_ldm.atomic import atomic_path
 from lightning_ldm.tasks.run_dir import record_run
-from lightning_ldm.training.images import make_grid, save_png, to_uint8
+from lightning_ldm.tasks.run_lock import holds_run_lock
+from lightning_ldm.training.images import is_readable_image, make_grid, save_png, to_uint8
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -38,6 +40,23 @@ def labels_for(seeds: list[int], classes, num_classes) -> torch.Tensor | None:
     return torch.tensor([pool[s % len(pool)] for s in seeds], dtype=torch.long)
 
 
+def samples_to_make(seeds: list[int], out_dir: Path) -> list[int]:
+    """The seeds whose image is not on disk whole; a file cut short is made again (and said so)."""
+    todo, damaged = [], []
+    for seed in tqdm(seeds, desc="checking existing samples", disable=len(seeds) < 5000, leave=False):
+        path = out_dir / f"{seed:06d}.png"
+        if not path.exists():
+            todo.append(seed)
+        elif not is_readable_image(path):
+            todo.append(seed)
+            damaged.append(path.name)
+    if damaged:
+        print(f"{len(damaged)} existing sample file(s) are unreadable and are made again: {', '.join(damaged[:5])}"
+              + (" ..." if len(damaged) > 5 else ""))
+    return todo
+
+
+@holds_run_lock
 def sample(cfg: DictConfig) -> None:
     options = cfg.sample
     run_dir = Path(cfg.paths.run_dir)
@@ -57,7 +76,7 @@ def sample(cfg: DictConfig) -> None:
 
     seeds = list(range(options.seed_start, options.seed_start + options.num_samples))
     mine = seeds[fabric.global_rank::fabric.world_size]
-    todo = [s for s in mine if options.format == "npz" or not (out_dir / f"{s:06d}.png").exists()]
+    todo = mine if options.format == "npz" else samples_to_make(mine, out_dir)
     shape = (module.first_stage.latent_channels, module.latent_size, module.latent_size)
     produced: dict[int, np.ndarray] = {}
     batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
@@ -73,16 +92,20 @@ def sample(cfg: DictConfig) -> None:
                                            generator=generator, sampler=options.sampler, steps=options.steps,
                                            eta=options.eta, guidance_scale=options.guidance_scale,
                                            use_ema=options.use_ema, x_T=x_T)
+        if not torch.isfinite(images).all():  # clamped to uint8, NaN would pass for black images
+            raise CheckpointError(f"{ckpt}: the model produces non-finite images (seeds {batch[0]}-{batch[-1]}): its "
+                                  "weights are damaged, as in a checkpoint saved after training diverged; sample an "
+                                  "earlier checkpoint")
         for seed, image in zip(batch, to_uint8(images)):
-            array = image.permute(1, 2, 0).numpy()
             if options.format == "png":
-                Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(out_dir / f"{seed:06d}.png")
-            produced[seed] = array
+                save_png(image, out_dir / f"{seed:06d}.png")
+            produced[seed] = image.permute(1, 2, 0).numpy()
     fabric.barrier()
     if options.format == "npz":
-        np.savez(out_dir / f"samples_rank{fabric.global_rank}.npz", seeds=np.array(list(produced)),
-                 images=np.stack(list(produced.values())) if produced else np.zeros(
-                     (0, module.image_size, module.image_size, module.first_stage.image_channels), np.uint8))
+        with atomic_path(out_dir / f"samples_rank{fabric.global_rank}.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, seeds=np.array(list(produced)),
+                     images=np.stack(list(produced.values())) if produced else np.zeros(
+                         (0, module.image_size, module.image_size, module.first_stage.image_channels), np.uint8))
     if fabric.is_global_zero:
         first = [s for s in seeds[:options.grid_size]]
         grid_images = []

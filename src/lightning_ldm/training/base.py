@@ -18,18 +18,26 @@ import torch.distributed as dist
 from lightning_ldm.errors import ConfigError, NonFiniteLossError
 from lightning_ldm.metrics.distributed import all_reduce
 from lightning_ldm.training.nonfinite import NonFiniteGuard
+from lightning_ldm.training.optimizer_settings import apply_configured_learning_rates
 from lightning_ldm.training.replicas import differing_across_ranks
 from lightning_ldm.training.rng import get_rng_states, set_rng_states
 
 
 class StepCountingModule(L.LightningModule):
-    def __init__(self, max_steps: int, max_train_seconds: Optional[float] = None) -> None:
+    def __init__(self, max_steps: int, max_train_seconds: Optional[float] = None, *,
+                 lr: Optional[float] = None) -> None:
         super().__init__()
         if max_train_seconds is not None and max_train_seconds <= 0:
             raise ConfigError(f"max_train_seconds must be positive (or null), got {max_train_seconds}")
+        if max_steps < 1:  # an untrained model would be exported as if it were a result
+            raise ConfigError(f"max_steps must be at least 1, got {max_steps}")
+        if lr is not None and not lr > 0:
+            raise ConfigError(f"module.lr must be positive, got {lr}")
         self.max_steps = max_steps
         self.max_train_seconds = max_train_seconds
         self.batch_step = 0  # training batches completed; saved in checkpoints
+        self.reached_end = False  # stopped at max_steps or max_train_seconds: the run is finished
+        self._resumed = False
         self.save_final_checkpoint = True  # benchmarks turn it off
         self.nonfinite = NonFiniteGuard()
         self._rng_states_to_restore: Optional[dict] = None
@@ -46,6 +54,7 @@ class StepCountingModule(L.LightningModule):
         self.batch_step += 1
         if self.batch_step >= self.max_steps or self._training_time_is_up():
             self.stop_if_nonfinite(everything=True)
+            self.reached_end = True
             self.trainer.should_stop = True
             # The final state is resumable: rerunning with a larger max_steps continues from here.
             if self.save_final_checkpoint and self.trainer.default_root_dir and not self.trainer.fast_dev_run:
@@ -91,8 +100,13 @@ class StepCountingModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._synchronize()
         self._clock_start, self._evaluation_seconds = time.perf_counter(), 0.0
+        if self._resumed:
+            for change in apply_configured_learning_rates(self):
+                if self.trainer.is_global_zero:
+                    print(f"Resumed at batch {self.batch_step}: {change}, as configured")
         if self.batch_step >= self.max_steps:
             print(f"Training already reached max_steps={self.max_steps}; nothing to do.")
+            self.reached_end = True
             self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
@@ -164,6 +178,7 @@ class StepCountingModule(L.LightningModule):
             checkpoint["rng_states"] = [states]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed = True
         self.batch_step = int(checkpoint.get("batch_step", 0))
         self._train_seconds_before = float(checkpoint.get("training_seconds", 0.0))
         states = checkpoint.get("rng_states") or []
@@ -191,7 +206,10 @@ class StepCountingModule(L.LightningModule):
             self._batch_finished_uncounted = False
             self.trainer.save_checkpoint(path, weights_only=False)
         what = f"{name} loss is {loss}" if not math.isfinite(loss) else f"{name} gradients are not finite (loss {loss})"
-        where = f"; the weights never took that update, state saved to {path}" if path else ""
+        # The weights never took the non-finite update, but the finite updates just before it are what made the
+        # loss diverge: the saved state is for diagnosis, not for resuming.
+        where = (f"; state saved to {path} for diagnosis (its weights are those of the last finite step, often "
+                 "already damaged: resume=auto continues from checkpoints/last.ckpt, the last validation)") if path else ""
         raise NonFiniteLossError(f"{what} at batch {batch}{where}. Lower the learning rate, enable gradient "
                                  "clipping, or check the data")
 

@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from lightning_ldm.atomic import atomic_path
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float NCHW -> uint8 NCHW (clamped: decoders are unbounded)."""
@@ -27,10 +29,23 @@ def make_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
     return grid
 
 
-def save_png(grid: torch.Tensor, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+def save_png(image: torch.Tensor, path: Path) -> Path:
+    """uint8 CHW (C = 1 or 3) as a PNG file, written atomically."""
+    array = image.permute(1, 2, 0).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
     return path
+
+
+def is_readable_image(path: Path) -> bool:
+    """Whether ``path`` is a whole image file: a file cut short (a crash of an older version, a copy, a disk
+    problem) fails PIL's check of its chunks and checksums."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:
+        return False
 
 
 def log_image_grid(trainer, key: str, images: torch.Tensor, nrow: int, step: int, caption: str = "") -> Path:

@@ -7,6 +7,8 @@ import string
 from pathlib import Path
 from typing import Optional
 
+from lightning_ldm import atomic
+
 
 def wandb_credentials_available() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -67,8 +69,7 @@ def wandb_logger(*, save_dir: str, project: str = "lightning_ldm", name: Optiona
         run_id = id_file.read_text().strip()
     if _is_rank_zero():
         run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
+        atomic.write_text(id_file, run_id)
     logger = WandbLogger(project=project, name=name, group=group, tags=list(tags or []), job_type=job_type,
                          save_dir=save_dir, offline=offline, log_model=log_model, id=run_id, resume="allow")
     # Lightning always passes wandb.init an ``anonymous`` argument (None when unset), and wandb 0.31 prints "The
@@ -81,10 +82,71 @@ def wandb_logger(*, save_dir: str, project: str = "lightning_ldm", name: Optiona
 
 def tensorboard_logger(*, save_dir: str, name: str = "tensorboard", version: str = ""):
     """Lightning's TensorBoardLogger, once the tensorboard extra is known to be installed (Lightning would
-    otherwise fail at the first log call, deep inside the run)."""
+    otherwise fail at the first log call, deep inside the run).
+
+    A resumed run writes a new event file beside the old ones, and TensorBoard shows both. What the old files
+    hold after the checkpoint the run resumed from was lost with the interruption: ``resume_at`` has the new file
+    start with a purge step there, so TensorBoard drops those points instead of drawing two curves.
+    """
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_ldm.extras import require_extra
 
     require_extra("tensorboard")
-    return TensorBoardLogger(save_dir=save_dir, name=name, version=version)
+
+    class ResumableTensorBoardLogger(TensorBoardLogger):
+        def resume_at(self, batch: int) -> None:
+            self._kwargs["purge_step"] = batch  # read when the SummaryWriter is created, at the first log
+
+    return ResumableTensorBoardLogger(save_dir=save_dir, name=name, version=version)
+
+
+def csv_logger(*, save_dir: str, name: str = "csv", version: str = ""):
+    """Lightning's CSVLogger, continuing ``metrics.csv`` across resumes.
+
+    Lightning's writer deletes an existing ``metrics.csv`` when it starts: a resumed run kept only the steps
+    after the resume. This one appends. Rows the old file holds after the checkpoint the run resumes from
+    (logged between that checkpoint and a hard kill, then lost with it) are dropped at the resume, so each step
+    appears once, as trained.
+    """
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+    from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+    class ContinuingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv; keep it and its header
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                    self.metrics_keys = list(csv.DictReader(handle).fieldnames or [])
+
+        def drop_rows_after(self, batch: int) -> int:
+            if not self._fs.isfile(self.metrics_file_path):
+                return 0
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                reader = csv.DictReader(handle)
+                fields, rows = reader.fieldnames or [], list(reader)
+            kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < batch]
+            if len(kept) < len(rows):
+                with atomic.atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(kept)
+            return len(rows) - len(kept)
+
+    class ContinuingCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = ContinuingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+        def resume_at(self, batch: int) -> None:
+            dropped = self.experiment.drop_rows_after(batch)
+            if dropped:
+                print(f"CSV log: {dropped} rows logged after batch {batch} (lost with the interruption) removed")
+
+    return ContinuingCSVLogger(save_dir=save_dir, name=name, version=version)
