@@ -230,3 +230,24 @@ def test_images_smaller_than_image_size_are_upscaled_with_a_warning(tmp_path, ca
     data = ImageFolderDataModule(root=str(tmp_path), image_size=32, batch_size=2, num_workers=0)
     data.setup("fit")
     assert "warning: 2 of 4 images are smaller than data.image_size=32 and are upscaled" in capsys.readouterr().out
+
+
+def test_tensorboard_drops_the_points_a_resume_makes_again(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_ldm.training.loggers import tensorboard_logger
+
+    first = tensorboard_logger(save_dir=str(tmp_path))
+    for step in range(6):  # the checkpoint was at batch 3; batches 3-5 are lost with the interruption
+        first.log_metrics({"x": float(step)}, step=step)
+    first.finalize("success")
+    time.sleep(1.1)  # event file names carry the second they were created in
+    resumed = tensorboard_logger(save_dir=str(tmp_path))
+    resumed.resume_at(3)
+    for step in (3, 4):
+        resumed.log_metrics({"x": 10.0 + step}, step=step)
+    resumed.finalize("success")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("x")] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
