@@ -450,7 +450,7 @@ def apply_settings(inductor: list[str], sdpa_off: list[str], ae_group_norm: str 
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
     if sdpa_off:
         # The SDPA backend is chosen while compiling, and the compile caches do not key on these flags: a graph
-        # cached by an earlier run would keep the old kernel (the sixth session's A/B measured exactly that).
+        # cached by an earlier run would keep the old kernel.
         import torch._functorch.config as functorch_config
 
         inductor_config.fx_graph_cache = False

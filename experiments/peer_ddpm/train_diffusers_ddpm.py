@@ -12,8 +12,8 @@ Two things come from lightning_ldm so that the comparison is fair:
 
 The clock (``--train-minutes``) counts training time only, compile warm-up included (a real user pays it; it is
 also reported on its own). At each ``--eval-at-minutes`` mark the clock stops, ``--num-eval-samples`` images are
-drawn with DPM-Solver++ (20 steps) from the EMA weights and fixed seeds (sample i from the noise of seed i, the
-framework's ``initial_noise``), and their FD to the held-out images is recorded.
+drawn with ``--sampler`` (DPM-Solver++(2M) by default, 20 steps) from the EMA weights and fixed seeds (sample i
+from the noise of seed i, the framework's ``initial_noise``), and their FD to the held-out images is recorded.
 
     python experiments/peer_ddpm/train_diffusers_ddpm.py --out /tmp/peer --extractor-path X.pt --extractor-name N
     python experiments/peer_ddpm/train_diffusers_ddpm.py --dry-run --out /tmp/peer_dry     # CPU smoke test
@@ -62,6 +62,31 @@ HO_UNET = dict(
 )
 TINY_UNET = {**HO_UNET, "block_out_channels": (16, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 4}
 
+# Samplers a diffusers user can pick for an eps model on the linear DDPM schedule: scheduler class and the options
+# set on top of the training scheduler's config. Under the linear schedule sqrt(alpha_bar) at t = 999 is 0.0064,
+# so a data-prediction solver divides the first eps error by it (x0 = (x - sqrt(1 - a) eps) / sqrt(a)): what the
+# x0 is allowed to be (clipped, thresholded or not at all) decides whether an imperfect eps ends as a saturated frame.
+SAMPLERS = {
+    "dpmpp2m": ("DPMSolverMultistepScheduler", dict(solver_order=2)),  # diffusers' usual fast default, as shipped
+    "dpmpp2m-thresh": ("DPMSolverMultistepScheduler", dict(solver_order=2, thresholding=True,
+                                                            dynamic_thresholding_ratio=0.995, sample_max_value=1.0)),
+    "dpmpp3m": ("DPMSolverMultistepScheduler", dict(solver_order=3)),
+    "dpmpp3m-thresh": ("DPMSolverMultistepScheduler", dict(solver_order=3, thresholding=True,
+                                                            dynamic_thresholding_ratio=0.995, sample_max_value=1.0)),
+    "unipc3": ("UniPCMultistepScheduler", dict(solver_order=3)),
+    "ddim": ("DDIMScheduler", dict(clip_sample=False)),
+    "ddim-clip": ("DDIMScheduler", dict(clip_sample=True, clip_sample_range=1.0)),
+    "ddpm-clip": ("DDPMScheduler", dict(clip_sample=True, clip_sample_range=1.0)),  # ancestral, Ho et al.'s
+}
+
+
+def make_sampler(name: str, train_config, spacing: str = "trailing"):
+    """The scheduler ``name`` of SAMPLERS on the training schedule ``train_config``, with ``spacing``."""
+    import diffusers
+
+    cls_name, options = SAMPLERS[name]
+    return getattr(diffusers, cls_name).from_config(train_config, timestep_spacing=spacing, **options)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -75,10 +100,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-at-minutes", default=None, help="comma-separated training-time marks for FD")
     p.add_argument("--num-eval-samples", type=int, default=None, help="samples per FD evaluation (default 5000)")
     p.add_argument("--eval-batch-size", type=int, default=None, help="sampling batch (default 1000)")
-    p.add_argument("--sample-steps", type=int, default=None, help="DPM-Solver++(2M) steps (default 20; dry 4)")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default 20; dry 4)")
     p.add_argument("--grid-samples", type=int, default=None, help="EMA samples in the final grid (default 64)")
     p.add_argument("--sample-spacing", default="trailing", choices=["trailing", "linspace", "leading"],
-                   help="DPM-Solver timestep spacing (trailing: diffusers' recommendation and the framework's)")
+                   help="sampler timestep spacing (trailing: diffusers' recommendation and the framework's)")
+    p.add_argument("--sampler", default="dpmpp2m", choices=sorted(SAMPLERS),
+                   help="sampler of every FD evaluation and the grid (see SAMPLERS; experiments/cifar10_fair "
+                   "compares them on the same weights)")
+    p.add_argument("--save-ema", default=None, help="also save the final EMA weights (safetensors) to this file, "
+                   "for sampling them again with other samplers (experiments/cifar10_fair/peer_samplers.py)")
     p.add_argument("--eval-seed", type=int, default=0, help="sample i starts from the noise of seed eval_seed + i")
     p.add_argument("--extractor-path", default=None, help="feature-extractor file for FD (kind=checkpoint)")
     p.add_argument("--extractor-name", default=None, help="its label (metrics are fd-<name>)")
@@ -232,7 +262,8 @@ def sync(device):
 
 @torch.no_grad()
 def sample(unet, scheduler, noise: torch.Tensor, steps: int, device) -> torch.Tensor:
-    """DPM-Solver++(2M) from ``noise`` (float32 on the device) -> images in [-1, 1], float32."""
+    """``scheduler`` (DPM-Solver++(2M) unless --sampler says otherwise) from ``noise`` (float32 on the device) ->
+    images in [-1, 1], float32."""
     scheduler.set_timesteps(steps, device=device)  # also resets the multistep state
     x = noise
     for t in scheduler.timesteps:
@@ -325,7 +356,7 @@ def plot(out: Path, losses: list[list], curve: list[list], label: str) -> str | 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import diffusers
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+    from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
 
     out = Path(args.out)
@@ -368,7 +399,7 @@ def main(argv=None) -> dict:
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)  # sampling copy; EMA weights are copied in
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                                     prediction_type="epsilon")
-    sampler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config, timestep_spacing=args.sample_spacing)
+    sampler = make_sampler(args.sampler, noise_scheduler.config, args.sample_spacing)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
@@ -403,7 +434,8 @@ def main(argv=None) -> dict:
     last_print, last_print_step, last_print_seconds = time.perf_counter(), 0, 0.0
     log(f"training for {args.train_minutes} min of training time (batch {args.batch_size}, lr {args.lr}, warm-up "
         f"{args.warmup_steps} steps, {'compiled' if args.compile else 'eager'}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}); FD at "
-        f"{args.eval_marks} min with {args.num_eval_samples} samples, DPM-Solver++ {args.sample_steps} steps")
+        f"{args.eval_marks} min with {args.num_eval_samples} samples, sampler {args.sampler} "
+        f"{args.sample_steps} steps")
 
     def run_eval(mark_seconds: float | None, final: bool) -> dict:
         keep = args.grid_samples if final else 0
@@ -481,6 +513,12 @@ def main(argv=None) -> dict:
         grid_path = out / "samples.png"
         grid = final_result["images"][: args.grid_samples]
         save_image((grid + 1) / 2, grid_path, nrow=min(8, math.ceil(math.sqrt(len(grid)))))
+    if args.save_ema:
+        from safetensors.torch import save_file
+
+        ema.copy_to(ema_unet.parameters())
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in ema_unet.state_dict().items()}, args.save_ema)
+        log(f"EMA weights -> {args.save_ema}")
     write_csv(out / "loss.csv", ["step", "train_seconds", "loss"], losses)
     plot_path = plot(out, losses, curve, label)
     final_fd = next((e["fd"] for e in reversed(evaluations) if e["fd"] is not None), None)

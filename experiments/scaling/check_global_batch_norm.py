@@ -81,7 +81,7 @@ def main() -> int:
         # Each quantity's largest error against float64, ours and BatchNorm2d's in the same dtype: ours may be at
         # most 1.5x BatchNorm2d's error (plus a float32-sized allowance), or one unit of the dtype's rounding. In
         # bfloat16 both kernels return the parameter gradients at bfloat16 precision (errors of 3e-3 to 7e-3 on
-        # an H100, ninth session), so which of the two is closer in a given case is chance.
+        # an H100), so which of the two is closer in a given case is chance.
         rounding = torch.finfo(dtype).eps
         bad, report = [], []
         for name, o, ref, true in zip(names, ours, same_dtype, truth):

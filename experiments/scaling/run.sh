@@ -113,11 +113,11 @@ if phase weak; then
     done
     wait
   }
-  # Tags with their own overrides (see README "Fourth session"): how compile meets DDP (whole: no_optimization, the
-  # default since the seventh session; split: ddp_optimizer), DDP's own 25 MB gradient buckets (small; ours are 200
-  # MB since the seventh session, "big" in earlier sections), eager DDP, the discriminator without SyncBatchNorm,
+  # Tags with their own overrides (see README "2026-11-26, 4 x H100, recorded in 1e58ccb"): how compile meets DDP (whole: no_optimization, the
+  # default since revision 28a0922; split: ddp_optimizer), DDP's own 25 MB gradient buckets (small; ours are 200
+  # MB since revision 28a0922, "big" in earlier sections), eager DDP, the discriminator without SyncBatchNorm,
   # the profiler (debug=trace: 14 batches, fit-trace.txt comes back beside the CSV), and stage 2 without CUDA graphs
-  # (on by default since the eighth session).
+  # (on by default since revision a3b85cf).
   : "${TAG_whole:=trainer.strategy.compiled_ddp=no_optimization}" "${TAG_split:=trainer.strategy.compiled_ddp=ddp_optimizer}"
   : "${TAG_small:=trainer.strategy.bucket_cap_mb=25}"
   : "${TAG_nographs:=module.cuda_graphs=false}"
@@ -126,7 +126,7 @@ if phase weak; then
     for run in $WEAK_RUNS; do step "$run"; done
   elif [ "$gpus" -ge 4 ]; then  # what DDP costs on one GPU without communication, per mode, all at once; then
     step "ldm4:1@0+ldm4:1:ddp@1+split/ldm4:1:ddp@2+small/ldm4:1:ddp@3"  # both modes on 2 GPUs at once (README
-    step "ldm4:2@0,1+split/ldm4:2@2,3"                                # "Fifth session" has the kl-f8 call)
+    step "ldm4:2@0,1+split/ldm4:2@2,3"                                # README "2026-11-26, 4 x H200, revision 57bc18b" has the kl-f8 call)
   else
     step ldm4:1; step ldm4:1:ddp
     [ "$gpus" -ge 2 ] && step ldm4:2

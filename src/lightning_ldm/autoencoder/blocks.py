@@ -43,10 +43,9 @@ class ResnetBlock(nn.Module):
 
 
 # The fused SDPA kernels (flash, cuDNN) stop at head dim 256. Beyond it PyTorch falls back to the
-# memory-efficient kernel, whose backward pass at the autoencoder's single 512-channel head took 43% of the
-# GPU time of a compiled kl-f4 training step on an H100 (50 ms per step of batch 8; forward 4.4 ms). The same
-# attention as float32 matmuls on TF32 tensor cores (float32_matmul_precision=high, the default) made the
-# whole step 1.70x faster (116.31 -> 68.46 ms; experiments/benchmarks/README.md, "Eighth session").
+# memory-efficient kernel, whose backward pass at the autoencoder's single 512-channel head dominates a
+# compiled training step. The same attention as float32 matmuls on TF32 tensor cores
+# (float32_matmul_precision=high, the default) avoids it (A/B in experiments/benchmarks/README.md).
 # TF32 loses nothing here: the bf16 q and k are exact in its 10-bit mantissa and accumulate in float32, so
 # q k^T is the float32 product; the weights enter the second matmul with 10 bits where the kernel gives
 # them bf16's 7.

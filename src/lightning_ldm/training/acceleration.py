@@ -26,7 +26,7 @@ def resolve_compile(setting: Optional[bool], trainer: L.Trainer) -> bool:
 def use_cuda_graphs(enabled: bool, trainer: L.Trainer) -> bool:
     """Whether the compiled training step replays as CUDA graphs (inductor's cudagraph trees, what
     ``torch.compile(mode="reduce-overhead")`` turns on): one launch per graph instead of one per kernel, which
-    frees the host for DDP's per-gradient hooks (experiments/scaling/README.md, eighth session: +5.1% on 2 H100s).
+    frees the host for DDP's per-gradient hooks (measured in experiments/scaling/README.md).
 
     Not with gradient accumulation: the backward graph's gradients live in the graphs' memory pool, and a
     parameter's first ``.grad`` would be that memory, overwritten by the next micro-batch's replay before the

@@ -12,9 +12,8 @@ removes both (the fix Lightning merged upstream later, pytorch-lightning#21746).
 "ddp_optimizer" (PyTorch's default) splits each compiled graph at DDP's bucket boundaries, so a bucket's
 all-reduce can start while the rest of the backward pass runs, at the price of smaller graphs that fuse less;
 "no_optimization" keeps one graph per network and all-reduces after its backward pass. The default is
-no_optimization: on 2 H100s in one call, the LDM-4 UNet ran 883.0 images/s with it against 819.0 with
-ddp_optimizer, whose 31 smaller graphs fuse less and take 1.5x as long to compile; the overlap does not pay for
-that (experiments/scaling/README.md, "Seventh session").
+no_optimization: the overlap does not pay for the smaller graphs, which fuse less and compile longer
+(experiments/scaling/README.md has the A/B).
 
 ``sync_batchnorm=true`` converts BatchNorm layers (the discriminator's) to ``GlobalBatchNorm``
 (sync_batch_norm.py) rather than torch's SyncBatchNorm.

@@ -10,10 +10,9 @@ Here the per-rank statistics (mean, variance, count) are all-gathered and combin
 empty batch weighing zero (no host read); the backward pass all-reduces the sums of dL/dy and dL/dy * (x - mean),
 so each rank's input gradient is that of the loss summed over all ranks, which is what BatchNorm over the
 concatenated batch gives. On CUDA the per-element work runs in PyTorch's fused SyncBatchNorm kernels
-(``torch.batch_norm_stats``/``_elemt``/``_backward_reduce``/``_backward_elemt``). Written out as float32
-autograd ops, the same math made the kl-f8 step on 2 H100s 14% slower than per-GPU BatchNorm (156.5 against 181.6
-images/s); with the fused kernels it costs 4% (179.5 against 187.8; experiments/scaling/README.md, ninth session,
-and check_global_batch_norm.py there for the kernels' accuracy). Elsewhere (CPU, gloo) the same formulas run as
+(``torch.batch_norm_stats``/``_elemt``/``_backward_reduce``/``_backward_elemt``): the same math written out
+as float32 autograd ops makes the synchronisation several times as costly (experiments/scaling/README.md, and
+check_global_batch_norm.py there for the kernels' accuracy). Elsewhere (CPU, gloo) the same formulas run as
 plain tensor ops, which tests/test_sync_batch_norm.py holds to nn.BatchNorm2d over the union of the ranks' slices.
 """
 
