@@ -2,20 +2,22 @@
 
 A *source* is anything with ``__len__``, ``split_keys()`` (one stable string per item) and ``load(index)`` ->
 (uint8 (C, H, W) tensor already at ``image_size``, int label) that raises ``DataError`` naming the item when
-it cannot be decoded. A DataModule builds one source in ``_load_source`` and this module does the rest, so
+it cannot be decoded. A captioned source also has ``captions(index)`` -> the item's captions (one or more
+strings); the split views then add a ``"caption"`` to every item: one of them at random per training step, the
+first in validation. A DataModule builds one source in ``_load_source`` and this module does the rest, so
 the digits, image folders/zips and torchvision sets split, scale, flip and batch identically.
 """
 
 import hashlib
 import warnings
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import lightning.pytorch as pl
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_ldm.data.transforms import RESAMPLE_NAME, random_hflip, resize_uint8, to_signed_unit
+from lightning_ldm.data.transforms import RESAMPLE_NAME, mirror_caption, random_hflip, resize_uint8, to_signed_unit
 from lightning_ldm.errors import ConfigError, DataError
 
 # How a lazily failing image is replaced in skip mode: the next items of the same split, at most this many.
@@ -26,6 +28,10 @@ class ImageSource(Protocol):
     def __len__(self) -> int: ...
     def split_keys(self) -> Sequence[str]: ...
     def load(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+
+def has_captions(source: Any) -> bool:
+    return callable(getattr(source, "captions", None))
 
 
 def _rank_key(seed: int, key: str) -> bytes:
@@ -73,9 +79,12 @@ class TensorImages:
 
 
 class SplitView(Dataset):
-    """One side of the split: items ``{"image": float (C, H, W) in [-1, 1], "label": int}``.
+    """One side of the split: items ``{"image": float (C, H, W) in [-1, 1], "label": int}``, plus ``"caption"``
+    (str) for a captioned source.
 
-    Train and val run the same preprocessing; only the train view flips (``flip``). With ``skip_corrupt``
+    Train and val run the same preprocessing; only the train view flips (``flip``), and a flipped image's
+    caption has "left" and "right" swapped. The train view draws one of an item's captions at random each time
+    (torch's RNG, seeded per worker); val always takes the first, so validation is fixed. With ``skip_corrupt``
     an item that fails to decode is replaced by the next one of the same view, so nothing leaks across.
     """
 
@@ -89,18 +98,29 @@ class SplitView(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        pixels, label = self._load(i)
-        image = to_signed_unit(pixels)
+        index, (pixels, label) = self._load(i)
+        image, mirrored = to_signed_unit(pixels), False
         if self.flip:
-            image = random_hflip(image)
-        return {"image": image, "label": label}
+            image, mirrored = random_hflip(image)
+        item = {"image": image, "label": label}
+        if has_captions(self.source):
+            item["caption"] = self.caption(index, mirrored)
+        return item
 
-    def _load(self, i: int) -> tuple[torch.Tensor, int]:
+    def caption(self, index: int, mirrored: bool = False) -> str:
+        """One caption of source item ``index``: drawn at random in the train view (``flip`` marks it), the
+        first in the other."""
+        captions = self.source.captions(index)
+        chosen = captions[int(torch.randint(len(captions), ()))] if self.flip and len(captions) > 1 else captions[0]
+        return mirror_caption(chosen) if mirrored else chosen
+
+    def _load(self, i: int) -> tuple[int, tuple[torch.Tensor, int]]:
         if not self.skip_corrupt:
-            return self.source.load(self.indices[i])
+            return self.indices[i], self.source.load(self.indices[i])
         for step in range(min(_MAX_SKIPS, len(self.indices))):
+            index = self.indices[(i + step) % len(self.indices)]
             try:
-                return self.source.load(self.indices[(i + step) % len(self.indices)])
+                return index, self.source.load(index)
             except DataError as error:
                 warnings.warn(f"skipping an unreadable image: {error}", stacklevel=2)
                 last_error = error
@@ -235,6 +255,21 @@ class ImageDataModule(pl.LightningDataModule):
             # training noise comes from, and the order is fixed by data.seed.
             generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),
         )
+
+    @property
+    def captioned(self) -> bool:
+        self.setup()
+        return has_captions(self.train_dataset.source)
+
+    def training_captions(self) -> Iterator[str]:
+        """Every caption of every training item (what a tokenizer is trained on); never validation's."""
+        if not self.captioned:
+            raise DataError(f"data {self.name} has no captions, but text conditioning needs them: give the images "
+                            "captions (metadata.jsonl or a .txt beside each image for data=folder) or choose "
+                            "conditioning=none / class")
+        source = self.train_dataset.source
+        for index in self.train_dataset.indices:
+            yield from source.captions(index)
 
     def identity(self) -> dict[str, Any]:
         """JSON-able description of the data and its preprocessing, for cache keys and matching exports."""

@@ -5,6 +5,7 @@ and the exports all run the very same code: FID is off by 2-3x when reference im
 differently from the training images.
 """
 
+import re
 import numpy as np
 import torch
 from PIL import Image
@@ -61,11 +62,31 @@ def to_signed_unit(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div_(127.5).sub_(1.0)
 
 
-def random_hflip(image: torch.Tensor) -> torch.Tensor:
-    """Mirror left-right with probability 1/2, drawing from torch's RNG (seeded per DataLoader worker)."""
+def random_hflip(image: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Mirror left-right with probability 1/2, drawing from torch's RNG (seeded per DataLoader worker); also
+    says whether it mirrored, so that a caption can follow the image (``mirror_caption``)."""
     if torch.rand(()) < 0.5:
-        return image.flip(-1)
-    return image
+        return image.flip(-1), True
+    return image, False
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)(most)?\b", re.IGNORECASE)
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the mirrored image: "left" and "right" swapped as whole words (case kept), so that a flip
+    stays a valid augmentation for text conditioning instead of teaching the model that the words are noise."""
+
+    def swap(match: "re.Match[str]") -> str:
+        word = match.group(1)
+        other = {"left": "right", "right": "left"}[word.lower()]
+        if word.isupper():
+            other = other.upper()
+        elif word[0].isupper():
+            other = other.capitalize()
+        return other + (match.group(2) or "")
+
+    return _LEFT_RIGHT.sub(swap, caption)
 
 
 def convert_channels_uint8(pixels: torch.Tensor, channels: int) -> torch.Tensor:
