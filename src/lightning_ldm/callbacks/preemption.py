@@ -14,6 +14,7 @@ from typing import Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class Preemption(L.Callback):
@@ -24,6 +25,7 @@ class Preemption(L.Callback):
         self.stopped_by: Optional[int] = None  # the signal that stopped training, once it has
         self._trainer: Optional[L.Trainer] = None
         self._previous_sigint = None
+        self._save_at_end = False
 
     def _on_sigusr1(self, signum, frame) -> None:
         self.requested, self.stopped_by = True, signum
@@ -51,13 +53,45 @@ class Preemption(L.Callback):
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
 
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._restore_sigint()
-
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        # On several ranks Lightning also stops on the flag at the start of a batch, before any hook of ours runs;
+        # the loop state there is the one after the last finished batch, so a checkpoint saved now resumes as well.
+        if isinstance(exception, SIGTERMException):
+            self._save_and_stop(trainer)
         self._restore_sigint()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self._save_and_stop(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # A signal after the epoch's last batch: Lightning would stop right after this hook, where a checkpoint
+        # resumes into a repeated batch. Stop as at max_steps instead (the epoch completes) and save in
+        # `on_train_end`. Rank 0 decides for all, as Lightning's own check does.
+        stop = trainer.strategy.broadcast(bool(self.requested or trainer.received_sigterm), src=0)
+        if stop and self.saved_to is None:
+            self.stopped_by = self.stopped_by or signal.SIGTERM
+            trainer._signal_connector.received_sigterm = False
+            self.requested, self._save_at_end, trainer.should_stop = False, True, True
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._save_at_end:
+            self._save_at_end, self.requested = False, True
+            self._save_and_stop(trainer)
+        self._restore_sigint()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
+        # Any checkpoint taken once an epoch has completed (at max_steps or on a signal) still counts the epoch's
+        # batches as the current ones, and Lightning resumes from it into one batch of a fresh iterator before it
+        # starts the next epoch: a repeated batch and a shifted data order. Recording "next epoch, batch 0"
+        # resumes exactly where an uninterrupted run goes on.
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        batches, epochs = loop.get("epoch_loop.batch_progress"), loop.get("epoch_progress")
+        if batches and epochs and batches.get("is_last_batch") and \
+                epochs["current"]["completed"] == epochs["current"]["started"]:
+            batches["is_last_batch"] = False
+            batches["current"] = {key: 0 for key in batches["current"]}
+
+    def _save_and_stop(self, trainer: L.Trainer) -> None:
         if not (self.requested or trainer.received_sigterm) or self.saved_to is not None:
             return
         if self.stopped_by is None:
