@@ -118,7 +118,8 @@ class StubDiffusion(StepCountingModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     @torch.no_grad()
-    def generate(self, n, *, labels=None, generator=None, sampler=None, steps=None, eta=None, guidance_scale=None,
+    def generate(self, n, *, labels=None, prompts=None, generator=None, sampler=None, steps=None, eta=None,
+                 guidance_scale=None,
                  use_ema=True, x_T=None):
         self.generate_calls += 1
         seeds = [self._seed_of[float(x.flatten()[0])] for x in x_T.cpu()]

@@ -98,3 +98,49 @@ def test_a_sampler_that_does_not_exist_fails_before_anything_is_timed(tmp_path):
 def test_an_unknown_row_is_one_clear_error(tmp_path):
     result = run_cli("stage=benchmark", "benchmark.stage=autoencoder", "benchmark.rows=[cached]", *TINY, cwd=tmp_path)
     assert_one_line_error(result, "benchmark.rows", "discriminator_off")
+
+
+def test_peers_cross_attention_pair_is_one_configuration_and_runs_on_cpu(tmp_path):
+    """experiments/benchmarks/peers.py xattn_train: our UNet with conditioning by cross-attention against diffusers'
+    UNet2DConditionModel mapped from its config. At full size (meta device: no memory) both have the released LDM
+    text-to-image UNet's parameters, heads and projections; at tiny size the pair's CPU dry run trains both."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    diffusers = pytest.importorskip("diffusers")
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("peers", REPO / "experiments" / "benchmarks" / "peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    with torch.device("meta"):
+        ours, theirs = peers.build_crossattn_unet("ours", 32), peers.build_crossattn_unet("diffusers", 32)
+    assert peers.n_params(ours) == peers.n_params(theirs) == 872_300_484
+    config = peers.diffusers_crossattn_config(ours.config, 32)
+    assert config["block_out_channels"] == (320, 640, 1280, 1280) and config["attention_head_dim"] == 8
+    assert config["down_block_types"] == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    assert config["up_block_types"] == ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    # attention_head_dim is diffusers' head *count* in this (SD-1) naming: 8 heads of 40 channels, as ours
+    mine, peer = ours.input_blocks[1][1], theirs.down_blocks[0].attentions[0]
+    assert mine.blocks[0].self_attn.heads == peer.transformer_blocks[0].attn1.heads == 8
+    assert peer.transformer_blocks[0].attn1.inner_dim // 8 == 40 and isinstance(peer.proj_in, torch.nn.Conv2d)
+    assert peer.transformer_blocks[0].attn2.to_k.in_features == mine.blocks[0].cross_attn.to_kv.in_features == 1280
+
+    out = tmp_path / "peers.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(Path(diffusers.__file__).parents[1]), str(REPO / "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "benchmarks" / "peers.py"), "--dry-run",
+                             "--device", "cpu", "--only", "xattn_train", "--out", str(out)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in report["results"]}
+    assert set(rows) == {"ours-eager", "diffusers-eager"}, rows
+    assert all(row["status"] == "ok" and row["img_per_s"] > 0 and row["gflop_per_img"] > 0 for row in rows.values())
+    assert rows["ours-eager"]["params_m"] == rows["diffusers-eager"]["params_m"]
+    assert "AttnProcessor2_0" in rows["diffusers-eager"]["note"]  # diffusers' default: SDPA
+    assert report["meta"]["xattn"]["diffusers"]["cross_attention_dim"] == 16  # the tiny config, mapped

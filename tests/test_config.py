@@ -20,7 +20,7 @@ _NEEDS = {
     ("data", "cifar10"): ["data.root=/tmp/cifar"],
 }
 _STAGE_OF_GROUP = {"data": "autoencoder", "autoencoder": "autoencoder", "loss": "autoencoder",
-                   "unet": "diffusion", "schedule": "diffusion"}
+                   "unet": "diffusion", "schedule": "diffusion", "conditioning": "diffusion"}
 _STAGE_OF_OPTION = {("autoencoder", "export"): "diffusion", ("autoencoder", "identity"): "diffusion",
                     ("callbacks", "diffusion"): "diffusion"}
 

@@ -362,3 +362,62 @@ def test_constructors_are_a_config_schema(cls):
         assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, parameter
         assert parameter.annotation is not inspect.Parameter.empty, parameter
         assert parameter.default is not inspect.Parameter.empty or parameter.name in ("root", "name"), parameter
+
+
+# ---------------------------------------------------------------- captions (folder / zip)
+
+
+def _captioned(root):
+    for name, seed in (("a", 0), ("b", 1), ("c", 2), ("d", 3)):
+        _save(root / f"{name}.png", _random("RGB", (8, 8), seed))
+    return root
+
+
+def test_folder_captions_from_metadata_jsonl_and_sidecars_and_the_same_from_a_zip(tmp_path):
+    root = _captioned(tmp_path / "shapes")
+    (root / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "text": "a red square left of a circle"}) + "\n\n"
+        + json.dumps({"file_name": "./b.png", "caption": ["two dots", "a pair of dots"]}) + "\n")
+    (root / "c.txt").write_text("a cat on the right\n\nsecond phrasing\n")
+    (root / "d.txt").write_text("  a dog  ")
+    (root / "a.txt").write_text("ignored: metadata.jsonl names a.png")
+    dm = ImageFolderDataModule(root=str(root), image_size=8, val_fraction=0.0, flip=False, num_workers=0)
+    dm.setup()
+    source = dm.train_dataset.source
+    assert [source.captions(i) for i in range(4)] == [
+        ["a red square left of a circle"], ["two dots", "a pair of dots"], ["a cat on the right", "second phrasing"],
+        ["a dog"]]
+    assert dm.captioned and sorted(dm.training_captions())[0] == "a cat on the right"
+    assert dm.train_dataset[0]["caption"] == "a red square left of a circle"  # flip off: the first, unmirrored
+    zipped = ImageFolderDataModule(root=str(_zip(root, tmp_path / "shapes.zip")), image_size=8, val_fraction=0.0,
+                                   flip=False, num_workers=0)
+    zipped.setup()
+    assert [zipped.train_dataset.source.captions(i) for i in range(4)] == [source.captions(i) for i in range(4)]
+    assert zipped.identity()["captions_sha1"] == dm.identity()["captions_sha1"] is not None
+
+    # A flipped image gets its caption mirrored; the other phrasing is drawn too.
+    flipping = ImageFolderDataModule(root=str(root), image_size=8, val_fraction=0.0, flip=True, num_workers=0)
+    flipping.setup()
+    torch.manual_seed(0)
+    drawn = {flipping.train_dataset[2]["caption"] for _ in range(60)}
+    assert drawn == {"a cat on the right", "a cat on the left", "second phrasing"}
+
+
+def test_uncaptioned_folders_have_no_captions_and_partial_or_broken_captions_stop_in_one_line(tmp_path):
+    root = _captioned(tmp_path / "plain")
+    dm = ImageFolderDataModule(root=str(root), image_size=8, val_fraction=0.0, num_workers=0)
+    dm.setup()
+    assert not dm.captioned and "caption" not in dm.train_dataset[0] and dm.identity()["captions_sha1"] is None
+    with pytest.raises(DataError, match="has no captions, but text conditioning needs them"):
+        next(dm.training_captions())
+
+    (root / "a.txt").write_text("only one")
+    with pytest.raises(DataError, match=r"3 of 4 images have no caption \(first: .*b\.png\)"):
+        ImageFolderDataModule(root=str(root), image_size=8, num_workers=0).setup()
+    (root / "a.txt").unlink()
+    (root / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{not json\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl line 2 is not JSON"):
+        ImageFolderDataModule(root=str(root), image_size=8, num_workers=0).setup()
+    (root / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
+    with pytest.raises(DataError, match=r'line 1 needs "file_name" and "text"'):
+        ImageFolderDataModule(root=str(root), image_size=8, num_workers=0).setup()

@@ -103,5 +103,6 @@ def test_stage2_reads_nothing_per_batch(compose, tmp_path, count_reads, kl_expor
     # The scale factor used to be checked for NaN on the host at every batch: one GPU sync per step.
     _fit(compose, tmp_path, "stage=diffusion", "unet=tiny", f"autoencoder.path={kl_export}",
          f"module.cache_latents={latents == 'cached'}", "module.num_log_images=0",
-         "module.scale_estimation_batches=1", "module.conditioning=adm", "module.num_classes=10", *trainer)
+         "module.scale_estimation_batches=1", "conditioning=class",
+         "module.conditioning.class.num_classes=10", *trainer)
     assert _forbidden(count_reads) == []

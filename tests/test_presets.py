@@ -15,6 +15,8 @@ from safetensors import safe_open
 
 from lightning_ldm.autoencoder.export import read_export_metadata
 from lightning_ldm.cli import CONFIG_DIR
+from lightning_ldm.conditioning.conditioner import Conditioner
+from lightning_ldm.conditioning.text_encoder import PAPER_TXT2IMG_PARAMETERS
 from lightning_ldm.config.validate import validate_config
 from lightning_ldm.errors import ConfigError
 from lightning_ldm.tasks.train import fit
@@ -26,7 +28,8 @@ PAPER_STAGE2 = ["celebahq-ldm-vq-4", "ffhq-ldm-vq-4", "lsun_bedrooms-ldm-vq-4", 
                 "cin-ldm-vq-f8"]
 # The stage-1 preset whose export each stage-2 preset is meant to run on (None: pixel space).
 FIRST_STAGE_OF = {"celebahq-ldm-vq-4": "vq-f4", "ffhq-ldm-vq-4": "vq-f4", "lsun_bedrooms-ldm-vq-4": "vq-f4",
-                  "lsun_churches-ldm-kl-8": "kl-f8", "cin-ldm-vq-f8": "vq-f8",
+                  "lsun_churches-ldm-kl-8": "kl-f8", "cin-ldm-vq-f8": "vq-f8", "txt2img-ldm-kl-8": "kl-f8",
+                  "txt2img-digits": "txt2img-digits-autoencoder",
                   "cifar10-ldm": "cifar10-autoencoder-kl-f2", "digits-ldm": "digits-autoencoder", "cifar10-pixel": None}
 STAGE1 = [name for name in EXPERIMENTS if name not in FIRST_STAGE_OF]
 
@@ -39,7 +42,7 @@ def test_the_preset_lists_are_complete():
     assert DEBUG_PRESETS == ["fast_dev_run", "limit", "overfit", "profiler", "trace"]
 
 
-ROOT_REQUIRED = set(PAPER_STAGE1 + PAPER_STAGE2)  # data.root: ??? (the others name their data)
+ROOT_REQUIRED = set(PAPER_STAGE1 + PAPER_STAGE2) | {"txt2img-ldm-kl-8"}  # data.root: ??? (the others name theirs)
 
 
 def compose_preset(compose, name: str, *overrides: str):
@@ -154,11 +157,13 @@ def test_paper_stage2_settings(compose, name, unet, beta_end, loss_type, batch, 
     assert cfg.module.prediction == "eps" and cfg.module.loss_type == loss_type
     assert (cfg.data.batch_size, cfg.max_steps, cfg.data.image_size) == (batch, max_steps, 256)
     assert cfg.autoencoder.path is None and cfg.autoencoder._target_.endswith("load_first_stage")
-    if name == "cin-ldm-vq-f8":
-        assert (cfg.module.conditioning, cfg.module.num_classes, cfg.unet.context_dim) == ("crossattn", 1000, 512)
-        assert 0.1 <= cfg.module.label_dropout <= 0.2  # null-label training for classifier-free guidance
+    if name == "cin-ldm-vq-f8":  # LD's ClassEmbedder: one 512-wide token the SpatialTransformers attend to
+        spec = cfg.module.conditioning["class"]
+        assert (spec.output, spec.num_classes, spec.dim) == ("context", 1000, 512)
+        assert cfg.unet.get("context_dim") is None  # the width comes from the embedder
+        assert 0.1 <= spec.drop_rate <= 0.2  # null-label training for classifier-free guidance
     else:
-        assert cfg.module.conditioning == "none"
+        assert OmegaConf.to_container(cfg.module.conditioning) == {}
 
 
 # --------------------------------------------------------------------------------------------- paper sizes
@@ -174,19 +179,19 @@ def test_paper_autoencoder_size(compose, name, params, f):
 
 @pytest.mark.parametrize("name,latent_channels,millions", [
     ("celebahq-ldm-vq-4", 3, 274.1), ("ffhq-ldm-vq-4", 3, 274.1), ("lsun_bedrooms-ldm-vq-4", 3, 274.1),
-    ("lsun_churches-ldm-kl-8", 4, 295.0), ("cin-ldm-vq-f8", 4, 395.0)])
+    ("lsun_churches-ldm-kl-8", 4, 295.0), ("cin-ldm-vq-f8", 4, 395.0), ("txt2img-ldm-kl-8", 4, 872.3)])
 def test_paper_unet_size(compose, name, latent_channels, millions):
     cfg = preset(compose, name)
-    conditioning, num_classes = cfg.module.conditioning, cfg.module.num_classes
-    with torch.device("meta"):  # built as DiffusionModule builds it: a null class is added when conditioning
+    with torch.device("meta"):  # built as DiffusionModule builds it
+        conditioner = Conditioner.from_spec(OmegaConf.to_container(cfg.module.conditioning),
+                                            vector_dim=4 * cfg.unet.model_channels)
         unet = instantiate(cfg.unet)(in_channels=latent_channels, out_channels=latent_channels,
-                                     conditioning=conditioning,
-                                     num_classes=None if conditioning == "none" else num_classes + 1)
-    total = sum(p.numel() for p in unet.parameters())
-    if unet.class_context is not None:  # LD's ClassEmbedder is a separate model, outside the paper's count
-        assert unet.class_context.weight.shape == (1001, 512)
-        total -= unet.class_context.weight.numel()
-    assert round(total / 1e6, 1) == millions
+                                     context_dim=conditioner.context_dim, concat_channels=conditioner.concat_channels)
+    # LD's cond-stage models are the conditioner's, outside the paper's UNet count: the ClassEmbedder's 1001 x 512
+    # (with the null class) and the released 32-layer text transformer (1.45B in all with the UNet).
+    expected = {"cin-ldm-vq-f8": 1001 * 512, "txt2img-ldm-kl-8": PAPER_TXT2IMG_PARAMETERS}.get(name, 0)
+    assert sum(p.numel() for p in conditioner.parameters()) == expected
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == millions
 
 
 # --------------------------------------------------------------------------------------------- runs on CPU
@@ -200,6 +205,7 @@ def workspace(tmp_path_factory):
         for i in range(10):
             pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8).numpy()
             Image.fromarray(pixels).save(root / "images" / label / f"{i}.png")
+            (root / "images" / label / f"{i}.txt").write_text(f"a noisy {label[:-1]} number {i}\n")
     from torchvision.models.vgg import cfgs, make_layers
 
     torch.manual_seed(0)
@@ -222,11 +228,15 @@ def _tiny_overrides(cfg, name: str, workspace) -> list[str]:
         overrides += ["autoencoder.ch=32", "autoencoder.num_res_blocks=1"]
         if cfg.loss.perceptual_weight > 0:
             overrides.append(f"loss.lpips_weights={root / 'vgg16-397923af.pth'}")
-    if name == "lsun_churches-ldm-kl-8":  # 4x4 latents at 32 px: three UNet levels instead of five
+    if name == "txt2img-ldm-kl-8":  # the paper's 1280-wide, 32-layer text encoder at a toy size
+        overrides += ["module.conditioning.caption.dim=32", "module.conditioning.caption.depth=1",
+                      "module.conditioning.caption.length=8", "module.conditioning.caption.heads=2",
+                      "module.conditioning.caption.dim_head=16", "unet.num_heads=2"]
+    if name in ("lsun_churches-ldm-kl-8", "txt2img-ldm-kl-8"):  # 4x4 latents at 32 px: three UNet levels
         overrides += ["unet.channel_mult=[1,2,2]", "unet.attention_resolutions=[1,2,4]"]
     if name == "cin-ldm-vq-f8":  # the tiny folder has two classes
-        overrides.append("module.num_classes=2")
-    if name == "digits-ldm":  # encoding all 4,500 digits first takes 15 s; cifar10-ldm runs with the cache on
+        overrides.append("module.conditioning.class.num_classes=2")
+    if name in ("digits-ldm", "txt2img-digits"):  # encoding every image first takes 15 s+; cifar10-ldm caches
         overrides.append("module.cache_latents=false")
     return overrides
 
@@ -271,9 +281,9 @@ def test_stage2_preset_trains_one_batch(compose, workspace, name):
     assert metadata["batch_step"] == "1"
     assert config["schedule"]["beta_end"] == settings.schedule.beta_end
     assert config["prediction"] == settings.module.prediction
-    assert config["conditioning"] == settings.module.conditioning
+    assert config["conditioning"].keys() == settings.module.conditioning.keys()
     assert config["unet"]["attention_resolutions"] == (
-        [1, 2, 4] if name == "lsun_churches-ldm-kl-8" else list(settings.unet.attention_resolutions))
+        [1, 2, 4] if name in ("lsun_churches-ldm-kl-8", "txt2img-ldm-kl-8") else list(settings.unet.attention_resolutions))
     first_stage = FIRST_STAGE_OF[name]
     if first_stage is None:
         assert config["first_stage"].get("identity") and scale == 1.0

@@ -51,8 +51,8 @@ def compiled_once(monkeypatch, with_callback):
 def test_stage2_compiles_the_unet_once(compose, tmp_path, compiled_once):
     counter, frames, _ = compiled_once
     cfg = compose(*QUIET, "stage=diffusion", "autoencoder=identity", "unet=tiny", "max_steps=8",
-                  "module.warmup_steps=5", "module.num_log_images=0", "module.conditioning=adm",
-                  "module.num_classes=10", f"paths.run_dir={tmp_path / 'run'}")
+                  "module.warmup_steps=5", "module.num_log_images=0", "conditioning=class",
+                  "module.conditioning.class.num_classes=10", f"paths.run_dir={tmp_path / 'run'}")
     train_task.fit(cfg)
     assert frames["warm"] >= 1 and counter.frame_count == frames["warm"]
 
@@ -70,8 +70,8 @@ def test_sampling_compiles_the_network_once_for_every_solver_step(compose, compi
     from hydra.utils import instantiate
 
     counter, _, forbid_recompiles = compiled_once
-    module = instantiate(compose("stage=diffusion", "autoencoder=identity", "unet=tiny", "module.conditioning=adm",
-                                 "module.num_classes=10", "module.guidance_scale=2.0").module)
+    module = instantiate(compose("stage=diffusion", "autoencoder=identity", "unet=tiny", "conditioning=class",
+                                 "module.conditioning.class.num_classes=10", "module.guidance_scale=2.0").module)
     module.prepare_for_sampling(compile=True)
     module.generate(3, steps=4, generator=torch.Generator().manual_seed(0))
     after_first = counter.frame_count

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from lightning_ldm.diffusion import NoiseSchedule, cfg_model_fn, make_denoiser, sample, target_for
+from lightning_ldm.diffusion import NoiseSchedule, guided_model_fn, make_denoiser, sample, target_for
 from lightning_ldm.diffusion.samplers import invert_ddim, sample_ddim, sample_ddpm, sample_dpmpp_2m, timesteps
 from lightning_ldm.errors import ConfigError
 
@@ -296,27 +296,36 @@ class CountingModel:
     def __init__(self):
         self.batches = []
 
-    def __call__(self, x, t, cond):
+    def __call__(self, x, t, vector=None, context=None):
         self.batches.append(x.shape[0])
-        c = cond.to(x.dtype).view(x.shape[0], -1).sum(1).view(-1, *([1] * (x.dim() - 1)))
-        return x * (1 + c) + t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        c = vector.to(x.dtype).sum(1) + context.to(x.dtype).sum((1, 2))
+        return x * (1 + c.view(-1, *([1] * (x.dim() - 1)))) + t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _conditions():
+    cond = {"vector": torch.randn(3, 4), "context": torch.randn(3, 2, 5)}
+    uncond = {"vector": torch.zeros(3, 4), "context": torch.randn(1, 2, 5)}  # a null token sequence: batch 1
+    return cond, uncond
 
 
 def test_cfg_combines_both_branches_in_one_doubled_call():
     x, t = torch.randn(3, 2, 4, 4), torch.tensor([5, 6, 7])
-    labels, null = torch.tensor([0, 2, 4]), 9
+    cond, uncond = _conditions()
     model = CountingModel()
-    out = cfg_model_fn(model, labels, null, 1.5)(x, t)
+    out = guided_model_fn(model, cond, uncond, 1.5)(x, t)
     assert model.batches == [6]  # one call, doubled batch
-    out_c, out_u = model(x, t, labels), model(x, t, torch.full_like(labels, null))
+    expanded = {"vector": uncond["vector"], "context": uncond["context"].expand(3, -1, -1)}
+    out_c, out_u = model(x, t, **cond), model(x, t, **expanded)
     torch.testing.assert_close(out, out_u + 1.5 * (out_c - out_u))
 
 
 def test_cfg_scale_one_and_zero_are_single_undoubled_calls():
-    x, t, labels = torch.randn(3, 2, 4, 4), torch.tensor([5, 6, 7]), torch.tensor([0, 2, 4])
+    x, t = torch.randn(3, 2, 4, 4), torch.tensor([5, 6, 7])
+    cond, uncond = _conditions()
+    uncond["context"] = uncond["context"].expand(3, -1, -1)
     model = CountingModel()
-    torch.testing.assert_close(cfg_model_fn(model, labels, 9, 1.0)(x, t), model(x, t, labels))
-    torch.testing.assert_close(cfg_model_fn(model, labels, 9, 0.0)(x, t), model(x, t, torch.full_like(labels, 9)))
+    torch.testing.assert_close(guided_model_fn(model, cond, uncond, 1.0)(x, t), model(x, t, **cond))
+    torch.testing.assert_close(guided_model_fn(model, cond, uncond, 0.0)(x, t), model(x, t, **uncond))
     assert model.batches == [3, 3, 3, 3]
 
 
@@ -325,14 +334,15 @@ def test_cfg_with_tensor_conditions_and_any_parameterisation():
     x, t = torch.randn(2, 2, 4, 4, dtype=F64), torch.tensor([100, 800])
     context, null_context = torch.randn(2, 3, 5, dtype=F64), torch.zeros(1, 3, 5, dtype=F64)
 
-    def eps_net(x_t, tt, ctx):
-        return torch.tanh(x_t) * ctx.mean((1, 2)).view(-1, 1, 1, 1) + 0.1 * x_t
+    def eps_net(x_t, tt, context):
+        return torch.tanh(x_t) * context.mean((1, 2)).view(-1, 1, 1, 1) + 0.1 * x_t
 
-    def v_net(x_t, tt, ctx):  # the same model, asked for v instead of eps
-        x0, eps = make_denoiser(lambda a, b: eps_net(a, b, ctx), SCHED, "eps")(x_t, tt)
+    def v_net(x_t, tt, context):  # the same model, asked for v instead of eps
+        x0, eps = make_denoiser(lambda a, b: eps_net(a, b, context), SCHED, "eps")(x_t, tt)
         return target_for("v", x0, eps, SCHED.alpha_bar(tt, F64))
 
-    guided_eps = make_denoiser(cfg_model_fn(eps_net, context, null_context, 3.0), SCHED, "eps")(x, t)
-    guided_v = make_denoiser(cfg_model_fn(v_net, context, null_context, 3.0), SCHED, "v")(x, t)
+    cond, uncond = {"context": context}, {"context": null_context}
+    guided_eps = make_denoiser(guided_model_fn(eps_net, cond, uncond, 3.0), SCHED, "eps")(x, t)
+    guided_v = make_denoiser(guided_model_fn(v_net, cond, uncond, 3.0), SCHED, "v")(x, t)
     for a, b in zip(guided_eps, guided_v):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -101,12 +101,12 @@ def test_first_stage_stays_frozen_through_training(trained):
 
 
 def test_only_the_unet_is_optimised_and_averaged(trained):
-    module = trained.module
+    module = trained.module  # unconditional: the conditioner holds no parameters
     optimised = {id(p) for group in trained.trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimised == {id(p) for p in module.unet.parameters()}
     assert optimised.isdisjoint(id(p) for p in module.first_stage.parameters())
     assert sum(p.numel() for p in module.ema.parameters()) == sum(p.numel() for p in module.unet.parameters())
-    assert list(module.ema.model.state_dict()) == list(module.unet.state_dict())
+    assert list(module.ema.model.state_dict()) == [f"unet.{key}" for key in module.unet.state_dict()]
     assert module.ema.num_updates == 3
 
 
@@ -318,20 +318,31 @@ def test_an_image_depends_on_its_seed_only(trained, sampler, eta):
 
 
 # --------------------------------------------------------------------------- class conditioning
-def test_class_conditional_model_trains(tmp_path):
+CLASSES_ADM = {"class": {"kind": "class", "num_classes": 10, "output": "vector", "drop_rate": 0.1}}
+
+
+def test_class_conditional_model_trains_and_its_table_is_optimised_and_averaged(tmp_path):
     data = FewDigits(batch_size=4)
     export = make_export(tmp_path / "export/autoencoder.safetensors", data.identity())
     module = DiffusionModule(first_stage=load_first_stage(path=str(export)), unet=TINY_UNET, schedule=NoiseSchedule(),
-                             image_size=32, conditioning="adm", num_classes=10, scale_estimation_batches=1,
+                             image_size=32, conditioning=CLASSES_ADM, scale_estimation_batches=1,
                              num_log_images=0, lr=2e-3)
-    assert module.unet.label_embed.num_embeddings == 11  # ten classes and the null class
-    make_trainer(tmp_path, 2).fit(module, datamodule=data)
-    assert module.ema.num_updates == 2
+    table = module.conditioner.embedders["class"].table
+    assert table.weight.shape == (11, 4 * PRESETS["tiny"]["model_channels"])  # ten classes and the null class
+    trainer = make_trainer(tmp_path, 2)
+    trainer.fit(module, datamodule=data)
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert id(table.weight) in optimised
+    averaged = module.ema.model["conditioner"].embedders["class"].table.weight
+    assert module.ema.num_updates == 2 and not torch.equal(averaged, table.weight)  # its own average
     batch = next(iter(data.train_dataloader()))
-    z0, labels = module.latents_and_labels(batch)
-    assert torch.equal(labels, batch["label"])
-    module.diffusion_loss(module.unet, z0, labels, drop_labels=False).backward()
-    assert module.unet.label_embed.weight.grad[labels].abs().sum() > 0  # the labels steer the network
+    labels = batch["label"]
+    cond = module.conditioner(module.conditioner.inputs(batch), module.device)  # no dropout
+    torch.testing.assert_close(cond["vector"], table.weight[labels])
+    table.weight.grad = None
+    module.loss(module.unet, module.latents(batch), cond).backward()
+    assert table.weight.grad[labels].abs().sum() > 0  # the labels steer the network
+    assert table.weight.grad[10].abs().sum() == 0  # the null row only learns from dropped labels
 
 
 def pixel_module(**kwargs) -> DiffusionModule:
@@ -347,43 +358,49 @@ class Recorder(torch.nn.Module):
         super().__init__()
         self.calls = []
 
-    def forward(self, x, t, y=None):
-        self.calls.append((x.shape[0], None if y is None else y.clone()))
+    def forward(self, x, t, **cond):
+        self.calls.append((x.shape[0], {k: v.clone() for k, v in cond.items()}))
         return 0.5 * x + 0.01 * t.view(-1, 1, 1, 1).to(x.dtype)
 
 
-def test_label_dropout_replaces_labels_with_the_null_class_at_the_configured_rate():
-    module = pixel_module(conditioning="adm", num_classes=10, label_dropout=0.2)
-    net = Recorder()
+@pytest.mark.parametrize("output", ["vector", "context"])
+def test_label_dropout_replaces_labels_with_the_null_class_at_the_configured_rate(output):
+    spec = {"class": {**CLASSES_ADM["class"], "output": output, "drop_rate": 0.2,
+                      "dim": None if output == "vector" else 16}}
+    module = pixel_module(conditioning=spec)
+    conditioner = module.conditioner
+    table = conditioner.embedders["class"].table.weight.detach()
     labels = torch.arange(20_000) % 10
-    z0 = torch.zeros(20_000, 1, 2, 2)
-    module.diffusion_loss(net, z0, labels, generator=torch.Generator().manual_seed(0))
-    y = net.calls[-1][1]
-    dropped = y == 10
+    cond = conditioner({"class": labels}, torch.device("cpu"), drop=True,
+                       generator=torch.Generator().manual_seed(0))
+    rows = cond[output].detach().reshape(20_000, -1)
+    dropped = (rows == table[10]).all(1)
     assert abs(dropped.float().mean().item() - 0.2) < 0.015  # 5 standard deviations
-    assert torch.equal(y[~dropped], labels[~dropped])
+    torch.testing.assert_close(rows[~dropped], table[labels[~dropped]])
     per_class = torch.stack([dropped[labels == c].float().mean() for c in range(10)])
     assert (per_class - 0.2).abs().max() < 0.05  # independent of the label
-    module.diffusion_loss(net, z0, labels, generator=torch.Generator().manual_seed(0), drop_labels=False)
-    assert torch.equal(net.calls[-1][1], labels)
-    module.label_dropout = 0.0
-    module.diffusion_loss(net, z0, labels, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(net.calls[-1][1], labels)
+    kept = conditioner({"class": labels}, torch.device("cpu"))[output].detach().reshape(20_000, -1)
+    torch.testing.assert_close(kept, table[labels])  # no dropout outside training
 
 
-def test_guidance_runs_one_doubled_batch_per_step():
-    module = pixel_module(conditioning="adm", num_classes=10).eval()
-    sizes = []
-    module.ema.model.register_forward_hook(lambda net, args, kwargs, out: sizes.append(
-        (args[0].shape[0], kwargs["y"].tolist())), with_kwargs=True)
+@pytest.mark.parametrize("output", ["vector", "context"])
+def test_guidance_runs_one_doubled_batch_per_step(output):
+    spec = {"class": {**CLASSES_ADM["class"], "output": output, "dim": None if output == "vector" else 16}}
+    module = pixel_module(conditioning=spec).eval()
+    table = module.ema.model["conditioner"].embedders["class"].table.weight
+    seen = []
+    module.ema.model["unet"].register_forward_hook(lambda net, args, kwargs, out: seen.append(
+        (args[0].shape[0], kwargs[output].reshape(args[0].shape[0], -1))), with_kwargs=True)
     labels = torch.tensor([3, 7])
-    images, spec = module.generate(2, labels=labels, guidance_scale=3.0, steps=5, sampler="ddim",
-                                   generator=torch.Generator().manual_seed(0))
-    assert images.shape == (2, 1, 8, 8) and spec.steps == 5
-    assert sizes == [(4, [3, 7, 10, 10])] * 5  # [conditional; null] in one call per step
-    sizes.clear()
+    images, spec_ = module.generate(2, labels=labels, guidance_scale=3.0, steps=5, sampler="ddim",
+                                    generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 1, 8, 8) and spec_.steps == 5
+    assert [size for size, _ in seen] == [4] * 5  # [conditional; null] in one call per step
+    torch.testing.assert_close(seen[0][1], table[torch.tensor([3, 7, 10, 10])])
+    seen.clear()
     module.generate(2, labels=labels, guidance_scale=1.0, steps=5, sampler="ddim")
-    assert sizes == [(2, [3, 7])] * 5  # no guidance: the conditional model alone
+    assert [size for size, _ in seen] == [2] * 5  # no guidance: the conditional model alone
+    torch.testing.assert_close(seen[0][1], table[labels])
 
 
 # --------------------------------------------------------------------------- the loss
@@ -413,7 +430,7 @@ def test_diffusion_loss_matches_a_hand_computed_case(prediction, loss_type, gamm
         weight = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / {
             "eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
     expected = (weight * per_sample).mean()
-    loss = module.diffusion_loss(Recorder(), z0, None, generator=torch.Generator().manual_seed(7))
+    loss = module.loss(Recorder(), z0, {}, generator=torch.Generator().manual_seed(7))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -475,7 +492,7 @@ def test_cuda_graphs_replay_the_compiled_step_on_gpus_without_accumulation(tmp_p
     def step_work(batch):
         raise StepStarted
 
-    monkeypatch.setattr(module, "latents_and_labels", step_work)
+    monkeypatch.setattr(module, "latents", step_work)
     with pytest.raises(StepStarted):
         module.training_step({}, 0)
     assert len(marks) == (mode is not None)  # each step starts a new generation of graph outputs, before its work

@@ -6,6 +6,9 @@ Groups (each: ours and diffusers, eager and compiled):
   unet_fwd    the same UNet, forward only (sampling), batch 256, no_grad
   ae_train    kl-f4 autoencoder (55.3M) at 256^2, batch 8: encode -> posterior sample -> decode -> L1 -> bwd -> AdamW
   ae_decode   its decoder alone (3x64x64 -> 256x256), batch 32, no_grad
+  xattn_train cross-attention UNet of the released LDM text-to-image model (txt2img-1p4B-eval, 872.3M) against
+              diffusers' UNet2DConditionModel in the same configuration: fwd + eps-MSE + bwd + fused AdamW, batch 64,
+              4x32x32 latents, context (B, 77, 1280)
 
 Method: bf16 autocast, channels_last model and inputs, fused AdamW, cudnn.benchmark; random inputs; warm-up
 steps, then --steps steps each timed with CUDA events, median. FLOPs per step from FlopCounterMode on one eager
@@ -45,7 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO / "src") not in sys.path:
     sys.path.insert(1, str(REPO / "src"))
 
-GROUPS = ("unet_train", "unet_fwd", "ae_train", "ae_decode")
+GROUPS = ("unet_train", "unet_fwd", "ae_train", "ae_decode", "xattn_train")
 NETS = ("ours", "diffusers")
 MODES = ("eager", "compiled")
 PEER = "diffusers-compiled"
@@ -53,7 +56,8 @@ PEER = "diffusers-compiled"
 # one of the same group and mode has run; only used to skip variants that would overrun --budget-s.
 GUESS_S = {("unet_train", "eager"): 15, ("unet_train", "compiled"): 70, ("unet_fwd", "eager"): 15,
            ("unet_fwd", "compiled"): 35, ("ae_train", "eager"): 10, ("ae_train", "compiled"): 35,
-           ("ae_decode", "eager"): 8, ("ae_decode", "compiled"): 20}
+           ("ae_decode", "eager"): 8, ("ae_decode", "compiled"): 20, ("xattn_train", "eager"): 20,
+           ("xattn_train", "compiled"): 150}
 
 UNET_PRESET = "celebahq-ldm-vq-4"
 UNET_PARAMS, UNET_TOLERANCE = 274.1e6, 0.2e6
@@ -77,6 +81,25 @@ DIFFUSERS_KL_F4 = dict(
     latent_channels=3, norm_num_groups=32, sample_size=256, mid_block_add_attention=True,
 )  # fmt: skip
 
+# xattn_train: the UNet of the released LDM text-to-image model (CompVis latent-diffusion
+# configs/latent-diffusion/txt2img-1p4B-eval.yaml, = PRESETS["txt2img-ldm-kl-8"]): 32x32x4 kl-f8 latents, 8 heads of
+# 40 / 80 / 160 channels, one SpatialTransformer (conv-1x1-equivalent proj_in/out, self-attn, cross-attn, GEGLU FF)
+# after every ResBlock at ds 1, 2, 4 and in the middle, cross-attending to 77 x 1280 text-encoder tokens.
+# diffusers' UNet2DConditionModel is built from our model.config by diffusers_crossattn_config(): 872,300,484
+# parameters each (asserted in every process: the other implementation is built on the meta device and counted).
+XATTN_FULL = dict(
+    unet=dict(in_channels=4, model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2,
+              attention_resolutions=[4, 2, 1], num_heads=8, context_dim=1280, transformer_depth=1),
+    context_len=77, params=872_300_484,
+)  # fmt: skip
+# The CPU dry run: the same structure (attention at every level but the last, fixed head count) at toy widths.
+XATTN_TINY = dict(
+    unet=dict(in_channels=4, model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
+              attention_resolutions=[2, 1], num_heads=2, context_dim=16, transformer_depth=1),
+    context_len=5, params=None,
+)  # fmt: skip
+XATTN = dict(XATTN_FULL)  # main() picks XATTN_TINY for --dry-run
+
 
 @dataclass
 class Shape:
@@ -84,8 +107,14 @@ class Shape:
     size: int  # latent side for the UNet and the decoder, image side for ae_train
 
 
-FULL = {"unet_train": Shape(48, 64), "unet_fwd": Shape(256, 64), "ae_train": Shape(8, 256), "ae_decode": Shape(32, 64)}
-DRY = {"unet_train": Shape(2, 8), "unet_fwd": Shape(2, 8), "ae_train": Shape(2, 16), "ae_decode": Shape(2, 4)}
+# xattn_train batch 64: about 13 GiB of fp32 weights, grads and AdamW moments (872M parameters) plus bf16
+# activations of roughly 0.3-0.4 GiB per image (saved tensors of one eager step, measured on a CPU in fp32 at
+# batch 1: 0.66 GiB ours, 0.46 GiB diffusers'; about half in bf16): ~40 GiB, room on an 80 GB H100 for either
+# implementation, also for the eager FLOP-count step; 128 would come close to the limit.
+FULL = {"unet_train": Shape(48, 64), "unet_fwd": Shape(256, 64), "ae_train": Shape(8, 256), "ae_decode": Shape(32, 64),
+        "xattn_train": Shape(64, 32)}
+DRY = {"unet_train": Shape(2, 8), "unet_fwd": Shape(2, 8), "ae_train": Shape(2, 16), "ae_decode": Shape(2, 4),
+       "xattn_train": Shape(2, 8)}
 
 
 @dataclass
@@ -147,6 +176,59 @@ def build_unet(net: str) -> nn.Module:
     return UNet2DModel(**DIFFUSERS_UNET)
 
 
+def diffusers_crossattn_config(cfg: dict[str, Any], sample_size: int) -> dict[str, Any]:
+    """UNet2DConditionModel arguments for our cross-attention UNet's ``model.config`` (the SD-1 layout, which is
+    LDM's openaimodel UNet): one down/up block per level, CrossAttn*Block2D where the level's ds is in
+    attention_resolutions, the cross-attention mid block, conv 1x1 proj_in/out (use_linear_projection=False: ours
+    are Linear layers on the tokens, the same weights), GEGLU feed-forward, 32 norm groups, cos-first timestep
+    features. diffusers' naming quirk: with num_attention_heads unset (it refuses it), attention_head_dim is the
+    number of heads per level, and each head is out_channels // heads wide, as ours."""
+    unsupported = {k: cfg[k] for k, ok in (("resblock_updown", False), ("conv_resample", True), ("concat_channels", 0),
+                                           ("dropout", 0.0)) if cfg[k] != ok}
+    if cfg["context_dim"] is None or unsupported:
+        raise ValueError(f"no UNet2DConditionModel equivalent: context_dim {cfg['context_dim']}, {unsupported}")
+    widths = [cfg["model_channels"] * m for m in cfg["channel_mult"]]
+    heads = [w // cfg["num_head_channels"] if cfg["num_head_channels"] > 0 else max(cfg["num_heads"], 1)
+             for w in widths]
+    attends = [2**level in cfg["attention_resolutions"] for level in range(len(widths))]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends))
+    return dict(
+        sample_size=sample_size, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"] or cfg["in_channels"],
+        block_out_channels=tuple(widths), layers_per_block=cfg["num_res_blocks"], down_block_types=down,
+        mid_block_type="UNetMidBlock2DCrossAttn", up_block_types=up,
+        attention_head_dim=heads[0] if len(set(heads)) == 1 else tuple(heads),
+        cross_attention_dim=cfg["context_dim"], transformer_layers_per_block=cfg["transformer_depth"],
+        use_linear_projection=False, norm_num_groups=32, norm_eps=1e-5, act_fn="silu", downsample_padding=1,
+        flip_sin_to_cos=True, freq_shift=0, upcast_attention=False, dropout=0.0,
+        resnet_time_scale_shift="scale_shift" if cfg["use_scale_shift_norm"] else "default",
+    )  # fmt: skip
+
+
+def build_crossattn_unet(net: str, sample_size: int) -> nn.Module:
+    """Our UNet with XATTN's config, or diffusers' mapped from it; the other one is built on the meta device (no
+    memory, a tenth of a second) and its parameter count compared to this one's."""
+    from lightning_ldm.unet import UNet
+
+    def peer(config: dict[str, Any]) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel(**diffusers_crossattn_config(config, sample_size))
+
+    model = UNet(**XATTN["unet"]) if net == "ours" else None
+    with torch.device("meta"):
+        ours_meta = UNet(**XATTN["unet"])
+        other = peer(ours_meta.config) if net == "ours" else ours_meta
+    if model is None:
+        model = peer(ours_meta.config)
+    mine, theirs = n_params(model), n_params(other)
+    if mine != theirs:
+        raise AssertionError(f"cross-attention UNet: {net} has {mine:,} parameters, the other {theirs:,}")
+    if XATTN["params"] is not None and mine != XATTN["params"]:
+        raise AssertionError(f"cross-attention UNet has {mine:,} parameters, expected {XATTN['params']:,}")
+    return model
+
+
 DIFFUSERS_AE_ATTENTION = {"classic": False}
 
 
@@ -169,6 +251,24 @@ def setup(group: str, net: str, shape: Shape, device: torch.device) -> Case:
     b, s = shape.batch, shape.size
     mse = lambda out, target: F.mse_loss(out.float(), target)  # noqa: E731
     l1 = lambda out, target: F.l1_loss(out.float(), target)  # noqa: E731
+    if group == "xattn_train":
+        with device:
+            model = build_crossattn_unet(net, s)
+        params = n_params(model)
+        model = model.to(device, memory_format=torch.channels_last).train()
+        cfg = XATTN["unet"]
+        x = channels_last(torch.randn(b, cfg["in_channels"], s, s, device=device))
+        t = torch.randint(1, 1000, (b,), device=device)
+        context = torch.randn(b, XATTN["context_len"], cfg["context_dim"], device=device)
+        note = f"{params:,} parameters, = the other's"
+        if net == "ours":
+            def forward(x, t, context):
+                return model(x, t, context=context)
+        else:
+            def forward(x, t, context):
+                return model(x, t, encoder_hidden_states=context).sample
+            note += "; attention " + "/".join(sorted({type(p).__name__ for p in model.attn_processors.values()}))
+        return Case(model, forward, (x, t, context), channels_last(torch.randn_like(x)), mse, params, note)
     if group in ("unet_train", "unet_fwd"):
         with device:  # initialised where it runs: seconds less per variant than on the host
             model = build_unet(net)
@@ -538,6 +638,8 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but CUDA is not available; use --dry-run --device cpu to check the code paths")
     shapes = DRY if args.dry_run else FULL
+    XATTN.clear()
+    XATTN.update(XATTN_TINY if args.dry_run else XATTN_FULL)
     AUTOCAST["enabled"] = not (args.dry_run and device.type == "cpu")
     variants = select(args)
     start = time.perf_counter()
@@ -560,6 +662,13 @@ def main() -> None:
     cleanup(device)
     meta["args"] = vars(args)
     meta["shapes"] = {g: asdict(s) for g, s in shapes.items()}
+    if any(g == "xattn_train" for g, _, _ in variants):
+        meta["xattn"] = {"context_len": XATTN["context_len"], "ours": XATTN["unet"]}
+        from lightning_ldm.unet import UNet
+
+        with torch.device("meta"):
+            config = UNet(**XATTN["unet"]).config
+        meta["xattn"]["diffusers"] = diffusers_crossattn_config(config, shapes["xattn_train"].size)
 
     results: list[Result] = []
     flops_cache: dict = {}

@@ -13,6 +13,7 @@ EXTRAS = {
     "sweeps": ("optuna", "hparams_search (an Optuna study)"),
     "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra/launcher=slurm (hydra-submitit-launcher)"),
     "tensorboard": ("tensorboard", "logger=tensorboard"),
+    "clip": ("transformers", "conditioning=text_clip (a frozen CLIP text tower from transformers)"),
 }
 
 

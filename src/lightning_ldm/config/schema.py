@@ -40,6 +40,9 @@ class SampleConfig:
     eta: Optional[float] = None
     guidance_scale: float = 1.0
     classes: Optional[list[int]] = None
+    prompts: Optional[list[str]] = None
+    prompt_file: Optional[str] = None
+    negative_prompt: Optional[str] = None
     use_ema: bool = True
     format: Literal["png", "npz"] = "png"
     output_dir: Optional[str] = None
@@ -63,6 +66,8 @@ class EvaluateConfig:
     eta: Optional[float] = None
     guidance_scale: Optional[float] = None
     classes: Optional[list[int]] = None
+    prompts: Optional[list[str]] = None
+    prompt_file: Optional[str] = None
     use_ema: bool = True
     metrics: list[Literal["fid", "kid", "is", "prc"]] = field(default_factory=lambda: ["fid", "kid", "is", "prc"])
     feature_extractor: Any = None  # a FeatureExtractorSpec node, checked against its signature

@@ -9,11 +9,20 @@ Layout rules:
 - images directly at the top with no subfolders: an unlabelled set, label 0, ``num_classes`` None; images both
   at the top and in subfolders are ambiguous and rejected; ``use_labels=False`` ignores folders altogether
   (e.g. FFHQ's 00000/, 01000/ chunks).
+
+Captions (for text-to-image), in either of the two layouts users already have:
+- ``metadata.jsonl`` (Hugging Face's imagefolder, diffusers' text-to-image examples): one JSON object per line
+  with ``file_name`` (relative to the metadata file's folder) and ``text`` or ``caption``, a string or a list of
+  alternatives;
+- a ``.txt`` beside each image with the same stem (``cat.png`` + ``cat.txt``), one caption per non-empty line.
+Either every image has a caption or none does; a set with some missing stops with one line naming the first.
 """
 
 import hashlib
 import io
+import json
 import os
+import posixpath
 import zipfile
 from typing import Any, Literal, Optional
 
@@ -48,15 +57,16 @@ class DirectoryStore:
     def __init__(self, root: str):
         self.root = root
 
-    def entries(self) -> list[tuple[str, int, float]]:
-        """(member, size in bytes, mtime) of every image file."""
+    def entries(self, accept=None) -> list[tuple[str, int, float]]:
+        """(member, size in bytes, mtime) of every image file (or of every file ``accept`` takes)."""
+        accept = accept or _is_image
         found = []
         for folder, dirs, files in os.walk(self.root, followlinks=True):
             dirs.sort()
             relative = os.path.relpath(folder, self.root).replace(os.sep, "/")
             for file in files:
                 member = file if relative == "." else f"{relative}/{file}"
-                if _is_image(member):
+                if accept(member):
                     stat = os.stat(os.path.join(folder, file))
                     found.append((member, stat.st_size, stat.st_mtime))
         return found
@@ -85,13 +95,14 @@ class ZipStore:
             self._handle, self._pid = zipfile.ZipFile(self.path), os.getpid()
         return self._handle
 
-    def entries(self) -> list[tuple[str, int, float]]:
-        """(member, uncompressed size, archive mtime) of every image file."""
+    def entries(self, accept=None) -> list[tuple[str, int, float]]:
+        """(member, uncompressed size, archive mtime) of every image file (or of every file ``accept`` takes)."""
+        accept = accept or _is_image
         mtime = os.stat(self.path).st_mtime
         return [
             (info.filename, info.file_size, mtime)
             for info in self._zip().infolist()
-            if not info.is_dir() and _is_image(info.filename)
+            if not info.is_dir() and accept(info.filename)
         ]
 
     def open(self, member: str):
@@ -102,6 +113,60 @@ class ZipStore:
 
     def describe(self, member: str) -> str:
         return f"{self.path}:{member}"
+
+
+def _is_caption_file(path: str) -> bool:
+    parts = path.replace("\\", "/").split("/")
+    if any(part.startswith(".") or part == "__MACOSX" for part in parts):
+        return False
+    return parts[-1] == "metadata.jsonl" or parts[-1].lower().endswith(".txt")
+
+
+def _read_text(store, member: str) -> str:
+    with store.open(member) as file:
+        try:
+            return file.read().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"caption file {store.describe(member)} is not UTF-8 text ({error.reason} at byte "
+                            f"{error.start})") from None
+
+
+def read_captions(store, members: list[str]) -> Optional[list[list[str]]]:
+    """Each image's captions from metadata.jsonl files or .txt sidecars (module docstring); None if there are none."""
+    files = [member for member, _, _ in store.entries(_is_caption_file)]
+    found: dict[str, list[str]] = {}
+    for metadata in (f for f in files if f.split("/")[-1] == "metadata.jsonl"):
+        folder = posixpath.dirname(metadata)
+        for number, line in enumerate(_read_text(store, metadata).splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{store.describe(metadata)} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where} is not JSON ({error.msg})") from None
+            text = row.get("text", row.get("caption")) if isinstance(row, dict) else None
+            if not isinstance(row, dict) or "file_name" not in row or text is None:
+                raise DataError(f"{where} needs \"file_name\" and \"text\" (or \"caption\"), got {line[:80]!r}")
+            texts = [text] if isinstance(text, str) else list(text)
+            if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise DataError(f"{where}: the caption must be a non-empty string or list of strings")
+            found[posixpath.normpath(posixpath.join(folder, row["file_name"]))] = [t.strip() for t in texts]
+    sidecars = {posixpath.splitext(f)[0]: f for f in files if f.lower().endswith(".txt")}
+    for member in members:
+        sidecar = sidecars.get(posixpath.splitext(member)[0])
+        if member not in found and sidecar is not None:
+            lines = [line.strip() for line in _read_text(store, sidecar).splitlines() if line.strip()]
+            if lines:
+                found[member] = lines
+    if not found:
+        return None
+    missing = [member for member in members if member not in found]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(members)} images have no caption (first: "
+                        f"{store.describe(missing[0])}); give every image one (metadata.jsonl or a .txt beside it) "
+                        "or remove the captions")
+    return [found[member] for member in members]
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -155,6 +220,23 @@ class ImageFiles:
         return corrupt, small
 
 
+class CaptionedImageFiles(ImageFiles):
+    """Image files with captions (a list of alternatives per image)."""
+
+    def __init__(self, *args, captions: list[list[str]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.all_captions = captions
+
+    def captions(self, index: int) -> list[str]:
+        return self.all_captions[index]
+
+
+def _image_files(store, members, keys, labels, mode, image_size, captions) -> ImageFiles:
+    if captions is None:
+        return ImageFiles(store, members, keys, labels, mode, image_size)
+    return CaptionedImageFiles(store, members, keys, labels, mode, image_size, captions=captions)
+
+
 class ImageFolderDataModule(ImageDataModule):
     """Images from a folder or a .zip (see the module docstring for the layout rules).
 
@@ -202,6 +284,7 @@ class ImageFolderDataModule(ImageDataModule):
         self._files: Optional[ImageFiles] = None
         self._classes: Optional[list[str]] = None
         self._fingerprint = ""
+        self._captions_sha1: Optional[str] = None
         self._total_bytes = 0
         self._newest = 0.0
 
@@ -264,7 +347,9 @@ class ImageFolderDataModule(ImageDataModule):
         self._total_bytes = sum(size for _, size, _ in entries)
         self._newest = max(mtime for _, _, mtime in entries)
         self._classes = classes
-        self._files = ImageFiles(store, members, keys, labels, PIL_MODES[self.channels], self.image_size)
+        captions = read_captions(store, members)
+        self._captions_sha1 = None if captions is None else hashlib.sha1(json.dumps(captions).encode()).hexdigest()
+        self._files = _image_files(store, members, keys, labels, PIL_MODES[self.channels], self.image_size, captions)
         return self._files
 
     def _load_source(self) -> ImageFiles:
@@ -288,13 +373,15 @@ class ImageFolderDataModule(ImageDataModule):
             keep = [i for i in range(len(files)) if i not in bad]
             if not keep:
                 raise DataError(f"every image under {self.root} is corrupt (first: {corrupt[0][1]})")
-            files = ImageFiles(
+            captions = getattr(files, "all_captions", None)
+            files = _image_files(
                 files.store,
                 [files.members[i] for i in keep],
                 [files.keys[i] for i in keep],
                 [files.labels[i] for i in keep],
                 files.mode,
                 files.image_size,
+                None if captions is None else [captions[i] for i in keep],
             )
         return files
 
@@ -312,6 +399,7 @@ class ImageFolderDataModule(ImageDataModule):
             "listing_sha1": self._fingerprint,
             "num_images": len(files),
             "classes": self._classes,
+            "captions_sha1": self._captions_sha1,
             "crop": "center-square",
             "on_corrupt": self.on_corrupt,
         }

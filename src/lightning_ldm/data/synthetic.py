@@ -41,6 +41,19 @@ class SyntheticImages:
         return pixels, index % self.num_classes
 
 
+_WORDS = ("red", "green", "blue", "round", "square", "small", "large", "bright", "dark", "soft", "sharp", "striped")
+
+
+class CaptionedSyntheticImages(SyntheticImages):
+    """The same images with a reproducible caption each (12-word vocabulary, one to six words): for timing and
+    smoke-testing text conditioning, not for learning anything."""
+
+    def captions(self, index: int) -> list[str]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 7)
+        count = 1 + int(torch.randint(6, (), generator=generator))
+        return [" ".join(_WORDS[i] for i in torch.randint(len(_WORDS), (count,), generator=generator).tolist())]
+
+
 class SyntheticDataModule(ImageDataModule):
     """``data=synthetic``: random smooth images of ``image_size`` and ``channels`` (see the module docstring)."""
 
@@ -56,6 +69,7 @@ class SyntheticDataModule(ImageDataModule):
         val_fraction: float = 0.01,
         flip: bool = False,
         seed: int = 0,
+        captions: bool = False,
     ):
         if channels < 1:
             raise ConfigError(f"data.channels must be at least 1, got {channels}")
@@ -67,9 +81,12 @@ class SyntheticDataModule(ImageDataModule):
         self.channels = channels
         self.num_classes = num_classes
         self.num_images = num_images
+        self.captions = captions
 
     def _load_source(self) -> SyntheticImages:
-        return SyntheticImages(self.num_images, self.image_size, self.channels, self.num_classes or 1, self.seed)
+        kind = CaptionedSyntheticImages if self.captions else SyntheticImages
+        return kind(self.num_images, self.image_size, self.channels, self.num_classes or 1, self.seed)
 
     def _source_identity(self) -> dict[str, Any]:
-        return {"source": "synthetic", "num_images": self.num_images, "generator": "octaves-4-16-64-v1"}
+        return {"source": "synthetic", "num_images": self.num_images, "generator": "octaves-4-16-64-v1",
+                "captions": self.captions}

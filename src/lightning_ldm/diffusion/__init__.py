@@ -1,13 +1,14 @@
 """Diffusion mathematics for stage 2: schedules, parameterisations, loss weights, samplers and guidance.
 
-Pure functions and a buffer-only module; no network lives here. Typical wiring:
+Pure functions and a buffer-only module; no network lives here (the module and checkpoints aside). Typical wiring:
 
     schedule = NoiseSchedule(kind="scaled_linear")
-    denoise = make_denoiser(cfg_model_fn(unet, labels, null_class, 1.5), schedule, "eps")
+    cond, uncond = conditioner.guidance_inputs({"class": labels}, device)
+    denoise = make_denoiser(guided_model_fn(unet, cond, uncond, 1.5), schedule, "eps")
     x0, spec = sample("ddim", denoise, schedule, (B, C, H, W), steps=50, generator=g)
 """
 
-from lightning_ldm.diffusion.guidance import cfg_model_fn
+from lightning_ldm.diffusion.guidance import guided_model_fn
 from lightning_ldm.diffusion.parameterization import (
     PREDICTIONS,
     Prediction,
@@ -37,7 +38,7 @@ __all__ = [
     "SamplerName",
     "SamplerSpec",
     "ScheduleKind",
-    "cfg_model_fn",
+    "guided_model_fn",
     "invert_ddim",
     "loss_weight",
     "make_denoiser",

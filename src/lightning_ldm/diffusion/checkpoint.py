@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_ldm.atomic import atomic_path
+from lightning_ldm.diffusion.legacy import upgrade_config, upgrade_state_dict
 from lightning_ldm.diffusion.module import DiffusionModule
 from lightning_ldm.diffusion.schedules import NoiseSchedule
 from lightning_ldm.errors import CheckpointError
@@ -23,18 +24,19 @@ from lightning_ldm.strict_loading import load_state_strictly
 from lightning_ldm.unet.model import UNet
 
 EXPORT_FORMAT = "lightning_ldm.diffusion"
-_SET_BY_MODULE = ("in_channels", "out_channels", "conditioning", "num_classes")
+_SET_BY_MODULE = ("in_channels", "out_channels", "context_dim", "concat_channels")
 
 
 def build_module(config: dict) -> DiffusionModule:
     """A DiffusionModule with the architecture described by ``config`` (random weights)."""
+    config = upgrade_config(config)
     unet_config = {k: v for k, v in config["unet"].items() if k not in _SET_BY_MODULE}
     sampler = config.get("sampler", {})
     return DiffusionModule(
         first_stage=rebuild_first_stage(config["first_stage"], config.get("sample_posterior", True)),
         unet=functools.partial(UNet, **unet_config), schedule=NoiseSchedule(**config["schedule"]),
         image_size=config["image_size"], prediction=config["prediction"], conditioning=config["conditioning"],
-        num_classes=config["num_classes"], sampler=sampler.get("name", "dpmpp_2m"),
+        sampler=sampler.get("name", "dpmpp_2m"),
         sampler_steps=sampler.get("steps", 20), sampler_eta=sampler.get("eta"),
         guidance_scale=sampler.get("guidance_scale", 1.0))
 
@@ -61,19 +63,24 @@ def load_diffusion_model(path: str, map_location: str = "cpu") -> DiffusionModul
     if not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path} has a stage-2 config but no state_dict: the file is incomplete")
     module = build_module(meta["config"])
-    load_state_strictly(module, checkpoint["state_dict"], path)
+    state = checkpoint["state_dict"]
+    if meta.get("version", 1) < 2:
+        state = upgrade_state_dict(state, module.conditioner)
+    load_state_strictly(module, state, path)
     module.batch_step = int(checkpoint.get("batch_step", 0))
     return module
 
 
 def save_ema_export(module: DiffusionModule, path: Path) -> Path:
-    """Slim sampling file: EMA UNet, first stage, scale factor; config and step in the metadata."""
+    """Slim sampling file: EMA UNet and conditioner, first stage, scale factor; config, step and non-tensor state
+    (a tokenizer) in the metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"ema.{k}": v for k, v in module.ema.model.state_dict().items()}
-    tensors.update({f"first_stage.{k}": v for k, v in module.first_stage.state_dict().items()})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"format": EXPORT_FORMAT, "config": json.dumps(module.rebuild_config),
+    state = {f"ema.{k}": v for k, v in module.ema.model.state_dict().items()}
+    state.update({f"first_stage.{k}": v for k, v in module.first_stage.state_dict().items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    extra = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    metadata = {"format": EXPORT_FORMAT, "config": json.dumps(module.rebuild_config), "extra_state": json.dumps(extra),
                 "batch_step": str(module.batch_step), "ema_updates": str(module.ema.num_updates),
                 "max_steps": str(module.max_steps), "complete": str(bool(getattr(module, "reached_end", False))).lower()}
     with atomic_path(path) as tmp:
@@ -90,12 +97,19 @@ def _load_export(path: Path, map_location: str) -> DiffusionModule:
         raise CheckpointError(f"{path} is not a safetensors file ({_first_line(error)})") from None
     if metadata.get("format") != EXPORT_FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path} is not a lightning_ldm stage-2 export (format={metadata.get('format')!r})")
-    module = build_module(json.loads(metadata["config"]))
+    config = json.loads(metadata["config"])
+    module = build_module(config)
+    tensors.update(json.loads(metadata.get("extra_state", "{}")))
+    if not any(k.startswith("ema.unet.") for k in tensors):  # a version-1 export: the EMA held the UNet alone
+        tensors = {k.replace("ema.model.", "ema.", 1): v for k, v in upgrade_state_dict(
+            {("ema.model." + k[4:] if k.startswith("ema.") else k): v for k, v in tensors.items()},
+            module.conditioner).items()}
     ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
     first_state = {k[len("first_stage."):]: v for k, v in tensors.items() if k.startswith("first_stage.")}
     load_state_strictly(module.ema.model, ema_state, path)
     load_state_strictly(module.first_stage, first_state, path)
-    module.unet.load_state_dict(module.ema.model.state_dict())  # the export has only the averaged weights
+    module.trained_networks().load_state_dict(module.ema.model.state_dict())  # the export has only the averages
+    module.conditioner.share_state(module.ema.model["conditioner"])
     module.batch_step = int(metadata.get("batch_step", 0))
     return module
 

@@ -1,19 +1,26 @@
-"""Stage 2 training: a UNet learns to denoise the scaled latents of the frozen first stage.
+"""Stage 2 training: a UNet learns to denoise the scaled latents of the frozen first stage, conditioned through
+the conditioner's embedders tau_theta (paper Eq. 3; the loss is ``DenoisingLoss``). Each embedder drops its
+condition to its null with its own rate, so one network is both conditional and unconditional (classifier-free
+guidance).
 
-L_LDM = E_{z=s E(x), eps, t} w(t) || target - net(z_t, t, y) ||^2 (paper Eq. 2, with the target eps, x0 or v and
-an optional min-SNR-gamma weight w). Class labels are dropped to a null class with probability
-``label_dropout`` so that one network is both conditional and unconditional (classifier-free guidance).
+The EMA averages the UNet *and* the trainable embedders together: the UNet was trained against the moving
+encoder, so its average is paired with the encoder's average over the same steps, never with the latest
+encoder. Frozen encoders (a pretrained CLIP text tower) are neither averaged nor optimised.
 """
 
 from pathlib import Path
-from typing import Callable, Literal, Optional
+import inspect
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from lightning_ldm.diffusion.guidance import cfg_model_fn
-from lightning_ldm.diffusion.parameterization import Prediction, loss_weight, target_for
+from lightning_ldm.conditioning.conditioner import Conditioner
+from lightning_ldm.diffusion.guidance import guided_model_fn
+from lightning_ldm.diffusion.loss import DenoisingLoss
+from lightning_ldm.diffusion.parameterization import Prediction
 from lightning_ldm.diffusion.samplers import SamplerName, make_denoiser, sample
 from lightning_ldm.diffusion.schedules import NoiseSchedule
 from lightning_ldm.errors import ConfigError
@@ -24,9 +31,8 @@ from lightning_ldm.training.acceleration import (channels_last_input, resolve_co
                                                  use_channels_last, use_cuda_graphs)
 from lightning_ldm.training.base import StepCountingModule
 from lightning_ldm.training.ema import EMA
-from lightning_ldm.training.images import log_image_grid
+from lightning_ldm.training.images import log_image_grid, log_prompt_table
 
-Conditioning = Literal["none", "adm", "crossattn"]
 DECODE_CHUNK = 32  # images decoded at once after sampling
 
 
@@ -41,9 +47,8 @@ class DiffusionModule(StepCountingModule):
         prediction: Prediction = "eps",
         loss_type: Literal["l2", "l1"] = "l2",
         min_snr_gamma: Optional[float] = None,
-        conditioning: Conditioning = "none",
-        num_classes: Optional[int] = None,
-        label_dropout: float = 0.1,
+        conditioning: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        validation_prompts: Optional[Sequence[str]] = None,
         max_steps: int = 1000,
         max_train_seconds: Optional[float] = None,
         lr: float = 1e-4,
@@ -65,26 +70,31 @@ class DiffusionModule(StepCountingModule):
         cuda_graphs: bool = True,
     ) -> None:
         super().__init__(max_steps, max_train_seconds, lr=lr)
-        if conditioning != "none" and not num_classes:
-            raise ConfigError(f"module.conditioning={conditioning} needs module.num_classes (classes in the data)")
+        if isinstance(conditioning, str):
+            raise ConfigError(f"module.conditioning={conditioning!r} is the old form: choose the config group "
+                              "conditioning=class (ADM), conditioning=class_crossattn, conditioning=text, ...")
         if image_size % first_stage.downsampling_factor:
             raise ConfigError(f"image size {image_size} is not divisible by the first stage's downsampling factor "
                               f"f={first_stage.downsampling_factor}")
         self.first_stage = first_stage
-        self.conditioning = conditioning
-        self.num_classes = num_classes if conditioning != "none" else None
-        self.null_class = self.num_classes  # the extra label index that means "no condition"
+        model_channels = inspect.signature(unet).parameters["model_channels"].default
+        self.conditioner = Conditioner.from_spec(conditioning, vector_dim=4 * model_channels)
+        given_context = getattr(unet, "keywords", {}).get("context_dim")
+        if given_context is not None and given_context != self.conditioner.context_dim:
+            raise ConfigError(f"unet.context_dim={given_context} but the conditioning produces "
+                              f"{self.conditioner.context_dim or 'no context'}: the width comes from the embedders "
+                              "(remove unet.context_dim)")
         channels = first_stage.latent_channels
-        self.unet = unet(in_channels=channels, out_channels=channels, conditioning=conditioning,
-                         num_classes=None if self.num_classes is None else self.num_classes + 1)
-        self.ema = EMA(self.unet, decay=ema_decay, warmup=ema_warmup)
+        self.unet = unet(in_channels=channels, out_channels=channels, context_dim=self.conditioner.context_dim,
+                         concat_channels=self.conditioner.concat_channels)
+        self.ema = EMA(self.trained_networks(), decay=ema_decay, warmup=ema_warmup)
+        self.validation_prompts = list(validation_prompts) if validation_prompts else None
+        self.evaluation_prompts: Optional[list[str]] = None  # FID's prompts: every validation image's first caption
         self.schedule = schedule
         self.image_size = image_size
         self.latent_size = image_size // first_stage.downsampling_factor
         self.prediction = prediction
-        self.loss_type = loss_type
-        self.min_snr_gamma = min_snr_gamma
-        self.label_dropout = label_dropout
+        self.loss = DenoisingLoss(schedule, prediction, loss_type, min_snr_gamma)
         self.lr, self.weight_decay, self.adam_betas, self.warmup_steps = lr, weight_decay, tuple(adam_betas), warmup_steps
         self.scale_estimation_batches = scale_estimation_batches
         self.cache_latents, self.cache_dir = cache_latents, cache_dir
@@ -99,9 +109,18 @@ class DiffusionModule(StepCountingModule):
             "first_stage": first_stage.export_config, "sample_posterior": first_stage.sample_posterior,
             "unet": self.unet.config, "schedule": schedule.config if hasattr(schedule, "config") else {
                 k: getattr(schedule, k) for k in ("kind", "num_timesteps", "beta_start", "beta_end", "cosine_s")},
-            "image_size": image_size, "prediction": prediction, "conditioning": conditioning,
-            "num_classes": self.num_classes, "sampler": self.sampler_settings,
+            "image_size": image_size, "prediction": prediction, "conditioning": self.conditioner.spec,
+            "sampler": self.sampler_settings,
         }
+
+    def trained_networks(self) -> nn.ModuleDict:
+        """What the optimizer and the EMA cover: the UNet and the conditioner (whose frozen encoders hold no
+        parameters of the module tree). A fresh container each call, so no module is registered twice."""
+        return nn.ModuleDict({"unet": self.unet, "conditioner": self.conditioner})
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.conditioner.num_classes
 
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -129,11 +148,17 @@ class DiffusionModule(StepCountingModule):
         if hasattr(datamodule, "identity"):
             self.rebuild_config["data"] = datamodule.identity()  # lets evaluation check it compares like with like
         if self.num_classes and datamodule.num_classes and self.num_classes > datamodule.num_classes:
-            raise ConfigError(f"module.num_classes={self.num_classes} but the data has {datamodule.num_classes} classes")
+            raise ConfigError(f"the class embedder has num_classes={self.num_classes} but the data has "
+                              f"{datamodule.num_classes} classes")
+        if self.conditioner.reads_text and not getattr(datamodule, "captioned", False):
+            raise ConfigError(f"text conditioning needs captions, and data {datamodule.name} has none: add "
+                              "metadata.jsonl (file_name, text) or a .txt beside each image, or choose "
+                              "conditioning=none / class")
 
     def on_fit_start(self) -> None:
         # Here, not in setup(): a resumed run has restored the checkpoint's first stage by now, and the cache and
         # the scale must come from those weights, not from whatever export now sits at autoencoder.path.
+        self._prepare_conditioner()
         if self.cache_latents:
             self._use_latent_cache()
         self._report_first_stage()
@@ -152,8 +177,33 @@ class DiffusionModule(StepCountingModule):
                   f"AdamW, {self.warmup_steps} warm-up steps); UNet {sum(p.numel() for p in self.unet.parameters()) / 1e6:.2f}M "
                   f"parameters; latents {self.first_stage.latent_channels}x{self.latent_size}x{self.latent_size}")
 
+    def _prepare_conditioner(self) -> None:
+        """Train what the embedders learn from the data (a tokenizer) unless a checkpoint restored it; every rank
+        trains on the same captions, and the ranks must agree on the result (token ids are the encoder's input)."""
+        self.conditioner.prepare(self.trainer.datamodule, progress=self.trainer.is_global_zero)
+        self.ema.model["conditioner"].share_state(self.conditioner)
+        text = self.conditioner.embedder("text")
+        if text is not None and text.tokenizer is not None:
+            fingerprint = float(int(text.tokenizer.fingerprint[:12], 16))
+            low, high = ranks_agree(fingerprint, self.device)
+            if low != high:
+                raise RuntimeError("the ranks trained different tokenizers from the same captions")
+        if self.conditioner.reads_text:
+            view = self.trainer.datamodule.val_dataset
+            if view is not None and len(view):
+                self.evaluation_prompts = [view.source.captions(index)[0] for index in view.indices]
+            if not self.validation_prompts:
+                self.validation_prompts = self._default_validation_prompts()
+
+    def _default_validation_prompts(self) -> list[str]:
+        """The first validation captions (fixed by the split), one per logged image."""
+        view = self.trainer.datamodule.val_dataset
+        count = min(self.num_log_images, len(view)) if view is not None else 0
+        return [view.caption(index) for index in view.indices[:count]] or [""]
+
     def replicated_networks(self) -> dict[str, torch.nn.Module]:
-        return {"UNet": self.unet, "EMA": self.ema.model}
+        trained_conditioner = {"conditioner": self.conditioner} if self.conditioner.trainable_parameters() else {}
+        return {"UNet": self.unet, **trained_conditioner, "EMA": self.ema.model}
 
     def _scale_estimation_loader(self) -> DataLoader:
         """Each rank reads different training batches (a distributed sampler), so more ranks see more data."""
@@ -200,7 +250,8 @@ class DiffusionModule(StepCountingModule):
 
     def configure_optimizers(self):
         # Fused: one kernel for all parameters, and it can skip a non-finite step on the device (nonfinite.py).
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+        parameters = [p for p in self.trained_networks().parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay,
                                       betas=self.adam_betas, fused=True)
         warmup = self.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -208,39 +259,19 @@ class DiffusionModule(StepCountingModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ----------------------------------------------------------------------------------------- training
-    def latents_and_labels(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def latents(self, batch: dict) -> torch.Tensor:
         if "latent_mean" in batch:
             z = self.first_stage.scaled_latents(batch["latent_mean"], batch["latent_std"])
         else:
             z = self.first_stage.encode(channels_last_input(batch["image"], self.channels_last))
-        labels = batch.get("label") if self.num_classes else None
-        return channels_last_input(z, self.channels_last), labels
-
-    def diffusion_loss(self, net: torch.nn.Module, z0: torch.Tensor, labels: Optional[torch.Tensor],
-                       generator: Optional[torch.Generator] = None, drop_labels: bool = True) -> torch.Tensor:
-        n = z0.shape[0]
-        t = torch.randint(0, self.schedule.num_timesteps, (n,), device=z0.device, generator=generator)
-        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
-        z_t = self.schedule.q_sample(z0, t, noise)
-        y = None
-        if labels is not None:
-            y = labels
-            if drop_labels and self.label_dropout > 0:
-                drop = torch.rand(n, device=z0.device, generator=generator) < self.label_dropout
-                y = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        output = net(z_t, t, y=y)
-        alpha_bar = self.schedule.alpha_bar(t)
-        target = target_for(self.prediction, z0, noise, alpha_bar)
-        error = (output.float() - target.float())
-        per_sample = (error.abs() if self.loss_type == "l1" else error.pow(2)).mean(dim=(1, 2, 3))
-        weights = loss_weight(self.prediction, self.schedule.snr(t), self.min_snr_gamma)
-        return (weights * per_sample).mean()
+        return channels_last_input(z, self.channels_last)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
-        z0, labels = self.latents_and_labels(batch)
-        loss = self.diffusion_loss(self.unet, z0, labels)
+        z0 = self.latents(batch)
+        cond = self.conditioner(self.conditioner.inputs(batch), self.device, drop=True)
+        loss = self.loss(self.unet, z0, cond)
         self._loss_to_guard = loss
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=z0.shape[0])
         if self.batch_step % max(1, self.trainer.log_every_n_steps) == 0:
@@ -256,27 +287,34 @@ class DiffusionModule(StepCountingModule):
         super().optimizer_step(*args, **kwargs)
         # Once per optimizer step, after the weights changed. After a step skipped as non-finite the weights did
         # not change, and the average takes its usual (finite) step towards them; the run stops soon after.
-        self.ema.update(self.unet)
+        self.ema.update(self.trained_networks())
 
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        z0, labels = self.latents_and_labels(batch)
+        z0 = self.latents(batch)
+        averaged = self.ema.model
+        cond = averaged["conditioner"](averaged["conditioner"].inputs(batch), self.device)
         # Fixed t and noise per batch index so validation losses are comparable across evaluations.
         generator = torch.Generator(device=z0.device).manual_seed(1000 + batch_idx)
-        loss = self.diffusion_loss(self.ema.model, z0, labels, generator=generator, drop_labels=False)
+        loss = self.loss(averaged["unet"], z0, cond, generator=generator)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=z0.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self.trainer.is_global_zero or not self.num_log_images:
             return
         generator = torch.Generator(device=self.device).manual_seed(0)  # same noise every time: comparable grids
-        labels = None
+        labels = prompts = None
         if self.num_classes:
             labels = torch.arange(self.num_log_images, device=self.device) % self.num_classes
-        images, spec = self.generate(self.num_log_images, labels=labels, generator=generator)
+        if self.conditioner.reads_text:
+            pool = self.validation_prompts or [""]
+            prompts = [pool[i % len(pool)] for i in range(self.num_log_images)]
+        images, spec = self.generate(self.num_log_images, labels=labels, prompts=prompts, generator=generator)
         nrow = min(self.num_classes or 8, 8) if self.num_classes else 8
-        log_image_grid(self.trainer, "val/samples", images, nrow=nrow, step=self.batch_step,
-                       caption=f"EMA, {spec.name} {spec.steps} steps, guidance {self.sampler_settings['guidance_scale']}")
+        caption = f"EMA, {spec.name} {spec.steps} steps, guidance {self.sampler_settings['guidance_scale']}"
+        log_image_grid(self.trainer, "val/samples", images, nrow=nrow, step=self.batch_step, caption=caption)
+        if prompts:
+            log_prompt_table(self.trainer, "val/prompts", images, prompts, step=self.batch_step)
 
     # ----------------------------------------------------------------------------------------- sampling
     def prepare_for_sampling(self, compile: bool) -> None:
@@ -284,31 +322,51 @@ class DiffusionModule(StepCountingModule):
         torch.compile of both (worth it for many batches of one shape: the sample stage, FID@50k)."""
         use_channels_last(self.ema.model, self.first_stage)
         if compile:
-            self.ema.model.compile()
+            self.ema.model["unet"].compile()
             if self.first_stage.autoencoder is not None:
                 self.first_stage.autoencoder.decoder.compile()
 
     @torch.no_grad()
-    def generate(self, n: int, *, labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+    def generate(self, n: int, *, labels: Optional[torch.Tensor] = None, prompts: Optional[Sequence[str]] = None,
+                 negative_prompt: Optional[str] = None, generator: Optional[torch.Generator] = None,
                  sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
                  guidance_scale: Optional[float] = None, use_ema: bool = True, progress: bool = False,
                  x_T: Optional[torch.Tensor] = None):
-        """n images in [-1, 1] (float32) and the sampler's spec."""
+        """n images in [-1, 1] (float32) and the sampler's spec. Class labels default to random classes; a
+        text-conditioned model needs ``prompts`` (n of them); ``negative_prompt`` replaces the empty caption of
+        guidance's unconditional branch."""
         settings = self.sampler_settings
-        net = self.ema.model if use_ema else self.unet
+        networks = self.ema.model if use_ema else self.trained_networks()
+        conditioner, net = networks["conditioner"], networks["unet"]
+        inputs, negative = self._condition_inputs(conditioner, n, labels, prompts, negative_prompt, generator)
+        cond, uncond = conditioner.guidance_inputs(inputs, self.device, negative) if inputs else ({}, {})
         scale = settings["guidance_scale"] if guidance_scale is None else guidance_scale
-        if self.num_classes:
-            if labels is None:
-                labels = torch.randint(0, self.num_classes, (n,), device=self.device, generator=generator)
-            model_fn = cfg_model_fn(lambda x, t, y: net(x, t, y=y), labels.to(self.device), self.null_class, scale)
-        else:
-            model_fn = lambda x, t: net(x, t)  # noqa: E731
-        denoise = make_denoiser(model_fn, self.schedule, self.prediction)
+        denoise = make_denoiser(guided_model_fn(net, cond, uncond, scale), self.schedule, self.prediction)
         shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
         z, spec = sample(sampler or settings["name"], denoise, self.schedule, shape,
                          steps=steps or settings["steps"], eta=settings["eta"] if eta is None else eta,
                          generator=generator, device=self.device, x_T=x_T, progress=progress)
         return self.decode_latents(z), spec
+
+    def _condition_inputs(self, conditioner: Conditioner, n: int, labels, prompts, negative_prompt, generator):
+        inputs, negative = {}, {}
+        for name, embedder in conditioner.embedders.items():
+            if embedder.kind == "class":
+                if labels is None:
+                    labels = torch.randint(0, embedder.num_classes, (n,), device=self.device, generator=generator)
+                inputs[name] = labels.to(self.device)
+            elif embedder.input_key == "caption":
+                if prompts is None or len(prompts) != n:
+                    raise ConfigError(f"this model is text-conditioned: give {n} prompts "
+                                      "(sample.prompts=[...] or sample.prompt_file=<file>)")
+                inputs[name] = list(prompts)
+                if negative_prompt:
+                    negative[name] = [negative_prompt] * n
+            else:
+                raise ConfigError(f"sampling does not know how to feed the {embedder.kind!r} embedder {name!r}")
+        if prompts is not None and not conditioner.reads_text:
+            raise ConfigError("prompts were given but this model is not text-conditioned")
+        return inputs, negative
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
@@ -325,4 +383,12 @@ class DiffusionModule(StepCountingModule):
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["lightning_ldm"] = {"kind": "diffusion", "version": 1, "config": self.rebuild_config}
+        checkpoint["lightning_ldm"] = {"kind": "diffusion", "version": 2, "config": self.rebuild_config}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        from lightning_ldm.diffusion.legacy import upgrade_state_dict
+
+        meta = checkpoint.get("lightning_ldm") or {}
+        if meta.get("version", 1) < 2 and "state_dict" in checkpoint:
+            checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"], self.conditioner)

@@ -12,14 +12,14 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from lightning_ldm.atomic import atomic_path
-from lightning_ldm.data.base import ImageDataLoader
+from lightning_ldm.data.base import ImageDataLoader, has_captions
 
 CACHE_VERSION = 1
 
@@ -50,10 +50,14 @@ def first_stage_identity(first_stage) -> dict:
 
 
 class LatentDataset(Dataset):
-    """Cached (mean, std, label) per image; with flips, a random one of the two stored orientations."""
+    """Cached (mean, std, label) per image; with flips, a random one of the two stored orientations. Captions are
+    not cached: they come from the image view's source by index (text, no decoding), drawn as the view draws
+    them, and mirrored with the mirrored latent; the tokenizer runs on them per batch."""
 
-    def __init__(self, cache: dict) -> None:
+    def __init__(self, cache: dict, captions_from: Optional[Dataset] = None) -> None:
         self.mean, self.std, self.labels = cache["mean"], cache["std"], cache["labels"]
+        self.view = captions_from if captions_from is not None and has_captions(
+            getattr(captions_from, "source", None)) else None
         self.flipped = "mean_flipped" in cache
         if self.flipped:
             self.mean_flipped, self.std_flipped = cache["mean_flipped"], cache["std_flipped"]
@@ -62,11 +66,15 @@ class LatentDataset(Dataset):
         return self.mean.shape[0]
 
     def __getitem__(self, index: int) -> dict:
-        if self.flipped and torch.rand(()) < 0.5:
+        mirrored = bool(self.flipped and torch.rand(()) < 0.5)
+        if mirrored:
             mean, std = self.mean_flipped[index], self.std_flipped[index]
         else:
             mean, std = self.mean[index], self.std[index]
-        return {"latent_mean": mean.float(), "latent_std": std.float(), "label": self.labels[index]}
+        item = {"latent_mean": mean.float(), "latent_std": std.float(), "label": self.labels[index]}
+        if self.view is not None:
+            item["caption"] = self.view.caption(self.view.indices[index], mirrored)
+        return item
 
 
 @torch.no_grad()
@@ -111,4 +119,4 @@ def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.
     elif is_global_zero:
         print(f"Latent cache: reusing {path}")
     barrier()
-    return LatentDataset(torch.load(path, map_location="cpu", weights_only=True)), path
+    return LatentDataset(torch.load(path, map_location="cpu", weights_only=True), datamodule.train_dataset), path

@@ -3,8 +3,10 @@
 Sample i starts from x_T drawn from ``torch.Generator().manual_seed(seed_start + i)`` (as ``stage=sample``), so
 a deterministic sampler (DDIM eta=0, DPM-Solver++) gives the same images at every evaluation, whatever the
 number of GPUs and the batch size: FIDs at different steps differ only because the model changed. Class labels
-cycle through ``classes`` (all classes by default): seed s gets class s mod K, a balanced set. Stochastic
-samplers draw their step noise from a generator seeded by each batch's first seed.
+cycle through ``classes`` (all classes by default): seed s gets class s mod K, a balanced set; prompts likewise
+(by default the module's evaluation prompts: the first caption of each validation image, as text-to-image FID
+conditions on the reference set's captions). Stochastic samplers draw their step noise from a generator
+seeded by each batch's first seed.
 """
 
 from contextlib import AbstractContextManager, nullcontext
@@ -27,12 +29,14 @@ class SamplingSettings:
     guidance_scale: Optional[float] = None
     use_ema: bool = True
     classes: Optional[list[int]] = None
+    prompts: Optional[list[str]] = None
 
     def resolve(self, module) -> "SamplingSettings":
         own = getattr(module, "sampler_settings", {})
         pick = lambda mine, key: own.get(key) if mine is None else mine  # noqa: E731
+        prompts = self.prompts or getattr(module, "evaluation_prompts", None)
         return SamplingSettings(pick(self.sampler, "name"), pick(self.steps, "steps"), pick(self.eta, "eta"),
-                                pick(self.guidance_scale, "guidance_scale"), self.use_ema, self.classes)
+                                pick(self.guidance_scale, "guidance_scale"), self.use_ema, self.classes, prompts)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +60,7 @@ def generated_features(module, extractor: FeatureExtractor, *, num_samples: int,
                        autocast: Callable[[], AbstractContextManager] = nullcontext,
                        progress: Callable = lambda iterable, **_: iterable) -> GeneratedFeatures:
     """Each rank samples and measures its contiguous block of seeds; every rank gets all the features."""
-    from lightning_ldm.tasks.sample import initial_noise, labels_for
+    from lightning_ldm.diffusion.seeds import initial_noise, labels_for, prompts_for
 
     settings = settings.resolve(module)
     rank, world = rank_and_world()
@@ -67,10 +71,12 @@ def generated_features(module, extractor: FeatureExtractor, *, num_samples: int,
     for batch in progress(batches, desc=f"FID samples (rank {rank})", disable=rank != 0, leave=False):
         x_T = initial_noise(batch, latent_shape(module)).to(device)
         labels = labels_for(batch, settings.classes, getattr(module, "num_classes", None))
+        conditioner = getattr(module, "conditioner", None)
+        prompts = prompts_for(batch, settings.prompts, conditioner is not None and conditioner.reads_text)
         generator = torch.Generator(device=device).manual_seed(batch[0])
         with autocast():
             images, sampler_spec = module.generate(
-                len(batch), labels=None if labels is None else labels.to(device), generator=generator,
+                len(batch), labels=None if labels is None else labels.to(device), prompts=prompts, generator=generator,
                 sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
                 guidance_scale=settings.guidance_scale, use_ema=settings.use_ema, x_T=x_T)
         out = extractor(images)
@@ -84,4 +90,7 @@ def generated_features(module, extractor: FeatureExtractor, *, num_samples: int,
     all_features = gather_rows(torch.cat(features) if features else empty)
     all_logits = gather_rows(torch.cat(logits) if logits else empty) if extractor.provides_logits else None
     first = torch.cat(kept) if kept else torch.zeros(0)
-    return GeneratedFeatures(all_features, all_logits, first, {**settings.as_dict(), **(spec or {})})
+    recorded = {**settings.as_dict(), **(spec or {})}
+    if settings.prompts:  # the count, not the list: records stay readable
+        recorded["prompts"] = f"{len(settings.prompts)} prompts, seed s gets prompt s mod {len(settings.prompts)}"
+    return GeneratedFeatures(all_features, all_logits, first, recorded)

@@ -23,7 +23,7 @@ from typing import Optional
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ldm import atomic
@@ -268,12 +268,16 @@ def benchmark(cfg: DictConfig) -> dict:
     if accelerator == "gpu":
         torch.backends.cudnn.benchmark = True
     peak = bf16_matmul_tflops(device)
-    num_classes = target.module.get("num_classes") if target.module.get("conditioning", "none") != "none" else None
+    conditioning = target.module.get("conditioning")
+    embedders = OmegaConf.to_container(conditioning, resolve=True) if conditioning else {}
+    num_classes = next((e["num_classes"] for e in embedders.values() if e.get("kind") == "class"), None)
+    captioned = any(e.get("input_key") == "caption" for e in embedders.values())
     images_needed = batch * (options.warmup + options.steps * options.repeats + 2)
 
     def data(n_images: int) -> SyntheticDataModule:
         return SyntheticDataModule(num_images=max(n_images, 2 * batch + 2), image_size=target.data.image_size,
-                                   channels=target.data.channels, num_classes=num_classes, batch_size=batch,
+                                   channels=target.data.channels, num_classes=num_classes, captions=captioned,
+                                   batch_size=batch,
                                    num_workers=options.num_workers, val_fraction=0.0, seed=0)
 
     result = {

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from lightning_ldm import atomic
+from lightning_ldm.diffusion.seeds import read_prompts
 from lightning_ldm.errors import CheckpointError, ConfigError
 from lightning_ldm.metrics.callback import as_spec
 from lightning_ldm.metrics.distributed import gather_rows, rank_and_world, shard
@@ -138,8 +139,13 @@ def _evaluate_diffusion(options, ckpt, fabric, extractor, datamodule, cache_dir)
         split_view(datamodule, options.reference_split, "evaluate.reference_split"), identity=datamodule.identity(),
         extractor=extractor, cache_dir=cache_dir, split=options.reference_split, count=options.reference_num_images,
         batch_size=options.batch_size, keep_features=bool({"kid", "prc"} & wanted), num_workers=datamodule.num_workers)
+    prompts = read_prompts(options.get("prompts"), options.get("prompt_file"))
+    if prompts is None and module.conditioner.reads_text:  # the reference images' own captions (their first)
+        view = split_view(datamodule, options.reference_split, "evaluate.reference_split")
+        prompts = [view.source.captions(index)[0] for index in view.indices] if hasattr(view.source, "captions") \
+            else None
     settings = SamplingSettings(options.sampler, options.steps, options.eta, options.guidance_scale, options.use_ema,
-                                list(options.classes) if options.classes else None)
+                                list(options.classes) if options.classes else None, prompts)
     generated = generated_features(module, extractor, num_samples=options.num_samples, seed_start=options.seed_start,
                                    settings=settings, batch_size=options.batch_size,
                                    keep_images=options.num_grid_images if fabric.is_global_zero else 0,

@@ -1,11 +1,16 @@
 """``stage=sample``: turn a stage-2 checkpoint (or EMA export) into images.
 
-Image i comes from seed i: its starting noise x_T is drawn from ``torch.Generator().manual_seed(i)``, so a
+Image i comes from seed i: its starting noise x_T is drawn from ``torch.Generator().manual_seed(i)``, and its
+condition is class or prompt i mod n of the given list (``diffusion/seeds.py``), so a
 deterministic sampler (DDIM eta=0, DPM-Solver++) gives the same image for a seed whatever the batch size or
 the number of GPUs, and a seed range can be split across runs. Stochastic samplers (DDPM, DDIM eta>0) draw
 their step noise from a generator seeded by the batch's first seed. Every file is written atomically, and
-images already on disk that read back whole are skipped, so an interrupted run resumes by rerunning it.
+images already on disk that read back whole are skipped, so an interrupted run resumes by rerunning it. A
+text-to-image run also writes ``metadata.jsonl`` (file_name, text) beside the images: the folder is then a
+captioned image set in the layout ``data=folder`` reads.
 """
+
+import json
 
 from pathlib import Path
 
@@ -17,27 +22,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from lightning_ldm.diffusion.checkpoint import load_diffusion_model, newest_checkpoint
+from lightning_ldm.diffusion.seeds import initial_noise, labels_for, prompts_for, read_prompts
 from lightning_ldm.errors import CheckpointError, ConfigError
 from lightning_ldm.atomic import atomic_path
 from lightning_ldm.tasks.run_dir import record_run
 from lightning_ldm.tasks.run_lock import holds_run_lock
-from lightning_ldm.training.images import is_readable_image, make_grid, save_png, to_uint8
-
-
-def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-
-
-def labels_for(seeds: list[int], classes, num_classes) -> torch.Tensor | None:
-    if not num_classes:
-        if classes:
-            raise ConfigError("sample.classes is set but the model is unconditional")
-        return None
-    pool = list(classes) if classes else list(range(num_classes))
-    bad = [c for c in pool if not 0 <= c < num_classes]
-    if bad:
-        raise ConfigError(f"sample.classes {bad} outside [0, {num_classes})")
-    return torch.tensor([pool[s % len(pool)] for s in seeds], dtype=torch.long)
+from lightning_ldm.training.images import captioned_grid, is_readable_image, make_grid, save_png, to_uint8
 
 
 def samples_to_make(seeds: list[int], out_dir: Path) -> list[int]:
@@ -75,6 +65,8 @@ def sample(cfg: DictConfig) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     seeds = list(range(options.seed_start, options.seed_start + options.num_samples))
+    prompt_pool = read_prompts(options.get("prompts"), options.get("prompt_file"))
+    prompts_for(seeds[:1], prompt_pool, module.conditioner.reads_text)  # refuses a mismatch before any work
     mine = seeds[fabric.global_rank::fabric.world_size]
     todo = mine if options.format == "npz" else samples_to_make(mine, out_dir)
     shape = (module.first_stage.latent_channels, module.latent_size, module.latent_size)
@@ -89,6 +81,8 @@ def sample(cfg: DictConfig) -> None:
         generator = torch.Generator(device=fabric.device).manual_seed(batch[0])
         with fabric.autocast():
             images, spec = module.generate(len(batch), labels=None if labels is None else labels.to(fabric.device),
+                                           prompts=prompts_for(batch, prompt_pool, module.conditioner.reads_text),
+                                           negative_prompt=options.get("negative_prompt"),
                                            generator=generator, sampler=options.sampler, steps=options.steps,
                                            eta=options.eta, guidance_scale=options.guidance_scale,
                                            use_ema=options.use_ema, x_T=x_T)
@@ -106,6 +100,11 @@ def sample(cfg: DictConfig) -> None:
             np.savez(handle, seeds=np.array(list(produced)),
                      images=np.stack(list(produced.values())) if produced else np.zeros(
                          (0, module.image_size, module.image_size, module.first_stage.image_channels), np.uint8))
+    prompts = prompts_for(seeds, prompt_pool, module.conditioner.reads_text)
+    if fabric.is_global_zero and prompts and options.format == "png":
+        rows = [json.dumps({"file_name": f"{seed:06d}.png", "text": prompt}) for seed, prompt in zip(seeds, prompts)]
+        with atomic_path(out_dir / "metadata.jsonl") as tmp:
+            Path(tmp).write_text("\n".join(rows) + "\n", encoding="utf-8")
     if fabric.is_global_zero:
         first = [s for s in seeds[:options.grid_size]]
         grid_images = []
@@ -117,5 +116,12 @@ def sample(cfg: DictConfig) -> None:
                 grid_images.append(torch.from_numpy(array if array.ndim == 3 else array[..., None]).permute(2, 0, 1))
         if grid_images:
             nrow = int(np.ceil(np.sqrt(len(grid_images))))
-            grid = save_png(make_grid(torch.stack(grid_images), nrow), run_dir / "grid.png")
+            stacked = torch.stack(grid_images)
+            # With prompts, each image above what it was asked (only the seeds on disk are in grid_images).
+            if prompts:
+                shown = [prompts[s - options.seed_start] for s in first
+                         if s in produced or (out_dir / f"{s:06d}.png").exists()]
+                grid = save_png(captioned_grid(stacked, shown, nrow), run_dir / "grid.png")
+            else:
+                grid = save_png(make_grid(stacked, nrow), run_dir / "grid.png")
             print(f"Wrote {len(seeds)} samples to {out_dir} and a grid to {grid}")

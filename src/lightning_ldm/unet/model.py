@@ -19,8 +19,6 @@ from .attention import SelfAttention, SpatialTransformer
 from .blocks import Downsample, ResBlock, Upsample, group_norm, zero_init
 from .embeddings import TimestepEmbedding
 
-Conditioning = Literal["none", "adm", "crossattn"]
-
 
 class Stage(nn.ModuleList):
     """Layers run in order: ResBlocks get the embedding, SpatialTransformers the context."""
@@ -43,12 +41,11 @@ class UNet(nn.Module):
 
     attention_resolutions are downsampling factors ds (1 = input resolution), as in LDM's configs.
     Heads: num_head_channels > 0 fixes the head width, else num_heads fixes the count (one of the
-    two; neither means one head). conditioning: "none"; "adm" adds an nn.Embedding(num_classes) of
-    the labels y to the time embedding; "crossattn" replaces attention with SpatialTransformers
-    attending to `context` (B, L, context_dim), which, when num_classes is set, defaults to a
-    learned embedding of y (LDM's ClassEmbedder, a length-1 context). num_classes counts every
-    label the model will see, a classifier-free-guidance null label included (e.g. 1001 for
-    ImageNet with null = 1000). concat_channels adds input channels for `concat` (LDM's "concat").
+    two; neither means one head). Conditions come from the conditioner (``lightning_ldm.conditioning``),
+    never from the UNet itself: ``context_dim`` set replaces attention with SpatialTransformers attending to
+    ``context`` (B, L, context_dim) (LDM's "crossattn"); a ``vector`` (B, 4 * model_channels) is added to the
+    time embedding (ADM's class embedding, LDM's "adm"); concat_channels adds input channels for ``concat``
+    (LDM's "concat": low-resolution images, masks).
     """
 
     def __init__(
@@ -66,8 +63,6 @@ class UNet(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         conv_resample: bool = True,
-        num_classes: Optional[int] = None,
-        conditioning: Conditioning = "none",
         context_dim: Optional[int] = None,
         transformer_depth: int = 1,
         concat_channels: int = 0,
@@ -81,27 +76,23 @@ class UNet(nn.Module):
             channel_mult=channel_mult, num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
             num_heads=num_heads, num_head_channels=num_head_channels, dropout=dropout,
             use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-            conv_resample=conv_resample, num_classes=num_classes, conditioning=conditioning,
-            context_dim=context_dim, transformer_depth=transformer_depth, concat_channels=concat_channels,
+            conv_resample=conv_resample, context_dim=context_dim, transformer_depth=transformer_depth, concat_channels=concat_channels,
             use_checkpoint=use_checkpoint,
         )  # fmt: skip
         _validate(self.config)
         self.in_channels, self.concat_channels = in_channels, concat_channels
-        self.conditioning, self.use_checkpoint = conditioning, use_checkpoint
+        self.context_dim, self.use_checkpoint = context_dim, use_checkpoint
         self.downsampling = 2 ** (len(channel_mult) - 1)
-        emb_dim = 4 * model_channels
+        self.embedding_dim = emb_dim = 4 * model_channels
 
         self.time_embed = TimestepEmbedding(model_channels, emb_dim)
-        self.label_embed = nn.Embedding(num_classes, emb_dim) if conditioning == "adm" else None
-        use_class_context = conditioning == "crossattn" and num_classes is not None
-        self.class_context = nn.Embedding(num_classes, context_dim) if use_class_context else None
 
         def res_block(cin: int, cout: int, resample: Literal["none", "up", "down"] = "none") -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout, use_scale_shift_norm, resample)
 
         def attention(ch: int) -> nn.Module:
             heads = ch // num_head_channels if num_head_channels > 0 else max(num_heads, 1)
-            if conditioning == "crossattn":
+            if context_dim is not None:
                 return SpatialTransformer(ch, heads, context_dim, transformer_depth)
             return SelfAttention(ch, heads)
 
@@ -144,18 +135,17 @@ class UNet(nn.Module):
         self,
         x: Tensor,
         t: Tensor,
-        y: Optional[Tensor] = None,
+        vector: Optional[Tensor] = None,
         context: Optional[Tensor] = None,
         concat: Optional[Tensor] = None,
     ) -> Tensor:
-        """eps (or x0 / v) prediction for noisy latents x (B, C, H, W) at timesteps t (B,)."""
-        self._check_inputs(x, y, context, concat)
+        """eps (or x0 / v) prediction for noisy latents x (B, C, H, W) at timesteps t (B,), given the
+        conditioner's outputs (all optional, as the conditioner produces them)."""
+        self._check_inputs(x, vector, context, concat)
         emb = self.time_embed(t.reshape(-1).expand(x.shape[0]))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y)
+        if vector is not None:
+            emb = emb + vector.to(emb.dtype)
         emb = F.silu(emb)  # every ResBlock's embedding path starts with SiLU: apply it once here
-        if context is None and self.class_context is not None:
-            context = self.class_context(y)[:, None, :]
 
         h = self.conv_in(x if concat is None else torch.cat([x, concat.to(x.dtype)], dim=1))
         skips = [h]
@@ -175,7 +165,7 @@ class UNet(nn.Module):
         return stage(h, emb, context, skip)
 
     def _check_inputs(
-        self, x: Tensor, y: Optional[Tensor], context: Optional[Tensor], concat: Optional[Tensor]
+        self, x: Tensor, vector: Optional[Tensor], context: Optional[Tensor], concat: Optional[Tensor]
     ) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise DataError(f"UNet input has shape {tuple(x.shape)}, expected (B, {self.in_channels}, H, W): "
@@ -183,12 +173,14 @@ class UNet(nn.Module):
         if x.shape[-2] % self.downsampling or x.shape[-1] % self.downsampling:
             raise DataError(f"UNet input is {x.shape[-2]}x{x.shape[-1]}, not divisible by {self.downsampling} = "
                             "2^(len(channel_mult) - 1): change the image size or unet.channel_mult")
-        if self.label_embed is not None and y is None:
-            raise ConfigError("unet.conditioning is 'adm' but no class labels y were given: pass y or set "
-                              "conditioning: none")
-        if self.conditioning == "crossattn" and context is None and (y is None or self.class_context is None):
-            raise ConfigError("unet.conditioning is 'crossattn' but neither context nor (with unet.num_classes "
-                              "set) labels y were given")
+        if vector is not None and tuple(vector.shape) != (x.shape[0], self.embedding_dim):
+            raise ConfigError(f"the conditioner's vector has shape {tuple(vector.shape)}, the UNet adds "
+                              f"(B, {self.embedding_dim}) = (B, 4 x unet.model_channels) to its time embedding")
+        if (context is not None) != (self.context_dim is not None):
+            raise ConfigError("unet.context_dim is set but no context was given" if context is None else
+                              "a context was given but the UNet has no cross-attention (unet.context_dim is null)")
+        if context is not None and context.shape[-1] != self.context_dim:
+            raise ConfigError(f"the context's width is {context.shape[-1]}, unet.context_dim is {self.context_dim}")
         got = 0 if concat is None else concat.shape[1]
         if got != self.concat_channels:
             raise ConfigError(f"unet.concat_channels is {self.concat_channels} but the concat input has {got} "
@@ -216,24 +208,16 @@ def _validate(c: dict[str, Any]) -> None:
     if any(ch % divisor for ch in attn_channels):
         raise ConfigError(f"attention widths {sorted(attn_channels)} are not all divisible by "
                           f"unet.num_heads / num_head_channels = {divisor}")
-    cond, num_classes, context_dim = c["conditioning"], c["num_classes"], c["context_dim"]
-    if cond not in ("none", "adm", "crossattn"):
-        raise ConfigError(f"unet.conditioning = {cond!r}; choose none, adm or crossattn")
-    if cond == "adm" and not num_classes:
-        raise ConfigError("unet.conditioning 'adm' needs unet.num_classes (the null class for guidance included)")
-    if cond == "crossattn" and not context_dim:
-        raise ConfigError("unet.conditioning 'crossattn' needs unet.context_dim (512 for LDM's class embedding)")
-    if cond == "none" and num_classes is not None:
-        raise ConfigError("unet.num_classes is set but unet.conditioning is 'none': set conditioning to adm "
-                          "or crossattn")
+    if c["context_dim"] is not None and c["context_dim"] < 1:
+        raise ConfigError(f"unet.context_dim must be a positive width or null, got {c['context_dim']}")
     if c["concat_channels"] < 0 or c["transformer_depth"] < 1 or not 0.0 <= c["dropout"] < 1.0:
         raise ConfigError("unet.concat_channels must be >= 0, unet.transformer_depth >= 1 and "
                           "0 <= unet.dropout < 1")
 
 
 # Paper configurations (Rombach et al. 2022, Tab. 12-15 / the released LDM configs) and small ones.
-# Parameter counts as the paper rounds them; for "cin-ldm-vq-f8" the 395.0M is the UNet alone:
-# LDM's ClassEmbedder (1000 x 512 = 0.5M, our `class_context`) is a separate cond-stage model there.
+# Parameter counts as the paper rounds them; for "cin-ldm-vq-f8" the 395.0M is the UNet alone: LDM's
+# ClassEmbedder (1000 x 512 = 0.5M) is a separate cond-stage model there, as it is ours (conditioning/).
 _LDM4_FACES = dict(
     in_channels=3, model_channels=224, channel_mult=[1, 2, 3, 4], num_res_blocks=2,
     attention_resolutions=[8, 4, 2], num_head_channels=32,
@@ -248,14 +232,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),  # fmt: skip  # 295.0M
     "cin-ldm-vq-f8": dict(
         in_channels=4, model_channels=256, channel_mult=[1, 2, 4], num_res_blocks=2,
-        attention_resolutions=[4, 2, 1], num_head_channels=32, conditioning="crossattn", context_dim=512,
-        transformer_depth=1, num_classes=1000,
+        attention_resolutions=[4, 2, 1], num_head_channels=32, context_dim=512,
+        transformer_depth=1,
     ),  # fmt: skip  # 395.0M (+0.5M class embedding)
     "cin256-v2-ldm-vq-4": dict(
         in_channels=3, model_channels=192, channel_mult=[1, 2, 3, 5], num_res_blocks=2,
-        attention_resolutions=[8, 4, 2], num_heads=1, conditioning="crossattn", context_dim=512,
-        transformer_depth=1, num_classes=1001,
+        attention_resolutions=[8, 4, 2], num_heads=1, context_dim=512,
+        transformer_depth=1,
     ),  # fmt: skip  # 400.9M (+0.5M class embedding, label 1000 = null for guidance)
+    # The released text-to-image LDM-KL-8-G (LD configs/latent-diffusion/txt2img-1p4B-eval.yaml): 32x32x4 latents,
+    # cross-attention to the 77 x 1280 outputs of its 32-layer text transformer (conditioning=text_paper).
+    "txt2img-ldm-kl-8": dict(
+        in_channels=4, model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2,
+        attention_resolutions=[4, 2, 1], num_heads=8, context_dim=1280, transformer_depth=1,
+    ),  # fmt: skip
     # 32x32 inputs (16x16 and 8x8 inside): learns in minutes on one GPU. 25.8M.
     "small": dict(
         in_channels=3, model_channels=128, channel_mult=[1, 2, 2], num_res_blocks=2,

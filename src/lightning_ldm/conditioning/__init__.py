@@ -1,0 +1,1 @@
+"""Conditioning of stage 2: the embedders tau_theta(y) that turn labels and captions into UNet inputs."""
