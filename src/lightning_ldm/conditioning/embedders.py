@@ -177,10 +177,18 @@ class CaptionEmbedder(Embedder):
         ids, mask = self.tokenizer.encode(list(values))
         ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         if dropped is not None:
-            null_ids, null_mask = self.tokenizer.encode([""])
-            ids = torch.where(dropped[:, None], null_ids.to(device), ids)
-            mask = torch.where(dropped[:, None], null_mask.to(device), mask)
+            null_ids, null_mask = self._null_tokens(device)
+            ids = torch.where(dropped[:, None], null_ids, ids)
+            mask = torch.where(dropped[:, None], null_mask, mask)
         return self.encoder(ids, mask)
+
+    def _null_tokens(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The empty caption's ids and mask on ``device``: tokenized and copied once per tokenizer, not per step."""
+        key = (self.tokenizer.fingerprint, str(device))
+        if getattr(self, "_null_cache", (None,))[0] != key:
+            ids, mask = self.tokenizer.encode([""])
+            self._null_cache = (key, ids.to(device), mask.to(device))
+        return self._null_cache[1], self._null_cache[2]
 
     def get_extra_state(self) -> dict:
         return {"tokenizer": None if self.tokenizer is None else self.tokenizer.to_str()}

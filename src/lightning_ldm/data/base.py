@@ -114,6 +114,10 @@ class SplitView(Dataset):
         chosen = captions[int(torch.randint(len(captions), ()))] if self.flip and len(captions) > 1 else captions[0]
         return mirror_caption(chosen) if mirrored else chosen
 
+    def first_captions(self) -> list[str]:
+        """Each item's first caption, in view order, unmirrored: the fixed prompts of grids, FID and evaluation."""
+        return [self.source.captions(index)[0] for index in self.indices] if has_captions(self.source) else []
+
     def _load(self, i: int) -> tuple[int, tuple[torch.Tensor, int]]:
         if not self.skip_corrupt:
             return self.indices[i], self.source.load(self.indices[i])

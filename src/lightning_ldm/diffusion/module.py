@@ -190,16 +190,10 @@ class DiffusionModule(StepCountingModule):
                 raise RuntimeError("the ranks trained different tokenizers from the same captions")
         if self.conditioner.reads_text:
             view = self.trainer.datamodule.val_dataset
-            if view is not None and len(view):
-                self.evaluation_prompts = [view.source.captions(index)[0] for index in view.indices]
-            if not self.validation_prompts:
-                self.validation_prompts = self._default_validation_prompts()
-
-    def _default_validation_prompts(self) -> list[str]:
-        """The first validation captions (fixed by the split), one per logged image."""
-        view = self.trainer.datamodule.val_dataset
-        count = min(self.num_log_images, len(view)) if view is not None else 0
-        return [view.caption(index) for index in view.indices[:count]] or [""]
+            captions = view.first_captions() if view is not None else []
+            self.evaluation_prompts = captions or None
+            if not self.validation_prompts:  # one per logged image, fixed by the split
+                self.validation_prompts = captions[:self.num_log_images] or [""]
 
     def replicated_networks(self) -> dict[str, torch.nn.Module]:
         trained_conditioner = {"conditioner": self.conditioner} if self.conditioner.trainable_parameters() else {}

@@ -142,8 +142,7 @@ def _evaluate_diffusion(options, ckpt, fabric, extractor, datamodule, cache_dir)
     prompts = read_prompts(options.get("prompts"), options.get("prompt_file"))
     if prompts is None and module.conditioner.reads_text:  # the reference images' own captions (their first)
         view = split_view(datamodule, options.reference_split, "evaluate.reference_split")
-        prompts = [view.source.captions(index)[0] for index in view.indices] if hasattr(view.source, "captions") \
-            else None
+        prompts = view.first_captions() or None
     settings = SamplingSettings(options.sampler, options.steps, options.eta, options.guidance_scale, options.use_ema,
                                 list(options.classes) if options.classes else None, prompts)
     generated = generated_features(module, extractor, num_samples=options.num_samples, seed_start=options.seed_start,
