@@ -42,8 +42,7 @@ class Conditioner(nn.Module):
         for name, embedder_spec in (spec or {}).items():
             embedder_spec = dict(embedder_spec)
             if embedder_spec.get("output", "vector") == "vector" and embedder_spec.get("kind") == "class":
-                embedder_spec.setdefault("dim", vector_dim)
-                embedder_spec["dim"] = embedder_spec["dim"] or vector_dim
+                embedder_spec["dim"] = embedder_spec.get("dim") or vector_dim
             embedders[name] = build_embedder(embedder_spec)
         return cls(embedders)
 
