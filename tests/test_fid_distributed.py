@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from fid_helpers import StubDiffusion, smooth_images, write_folder, write_torchscript_extractor
 from lightning_ldm.data.folder import ImageFolderDataModule
 from lightning_ldm.metrics import FeatureExtractorSpec, FIDCallback, build_feature_extractor
-from lightning_ldm.metrics.distributed import gather_rows, shard
+from lightning_ldm.distributed import gather_rows, shard
 from lightning_ldm.metrics.reference import load_or_compute_reference, unflipped
 from lightning_ldm.metrics.sampling import SamplingSettings, generated_features
 from lightning_ldm.metrics.scores import distribution_metrics

@@ -230,16 +230,22 @@ def dataset_scene(seed: int, index: int) -> Scene:
     return draw_scene(np.random.default_rng([seed, index]))
 
 
-def evaluation_prompts(kind: Literal["seen", "held_out"], count: int, seed: int = 0) -> list[str]:
-    """``count`` deterministic prompts for scoring a model: ``"seen"`` uses only (digit, colour) pairs found in the
+def evaluation_scenes(kind: Literal["seen", "held_out"], count: int, seed: int = 0) -> list[Scene]:
+    """``count`` deterministic scenes for scoring a model: ``"seen"`` uses only (digit, colour) pairs found in the
     dataset; ``"held_out"`` gives its first digit a pair of ``HELD_OUT_PAIRS`` (the second, if any, may be either).
-    Drawn from their own generator stream, so they are new scenes in the dataset's proportions."""
+    Drawn from their own generator stream, so they are new scenes in the dataset's proportions; rendered, they are
+    the real images that obey their prompts (the scorer's ceiling and the Frechet distance's reference)."""
     if kind not in ("seen", "held_out"):
         raise ConfigError(f"evaluation prompts are 'seen' or 'held_out', got {kind!r}")
     stream = {"seen": 1, "held_out": 2}[kind]
     second = "seen" if kind == "seen" else "any"
-    return [describe_scene(draw_scene(np.random.default_rng([seed, index, stream]), first=kind, second=second))
+    return [draw_scene(np.random.default_rng([seed, index, stream]), first=kind, second=second)
             for index in range(count)]
+
+
+def evaluation_prompts(kind: Literal["seen", "held_out"], count: int, seed: int = 0) -> list[str]:
+    """The captions of ``evaluation_scenes(kind, count, seed)``."""
+    return [describe_scene(scene) for scene in evaluation_scenes(kind, count, seed)]
 
 
 # ---------------------------------------------------------------- pixels

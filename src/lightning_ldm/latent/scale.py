@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from lightning_ldm.metrics.distributed import all_reduce, min_max_over_ranks
+from lightning_ldm.distributed import all_reduce, min_max_over_ranks
 
 
 def latent_moments(latents: Iterable[torch.Tensor]) -> torch.Tensor:

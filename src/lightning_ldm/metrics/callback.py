@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from lightning_ldm.diffusion.samplers import SamplerName
 from lightning_ldm.errors import ConfigError
-from lightning_ldm.metrics.distributed import broadcast_object, gather_rows, rank_and_world, shard
+from lightning_ldm.distributed import broadcast_object, gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import (FeatureExtractorSpec, build_feature_extractor, check_spec,
                                             metric_label)
 from lightning_ldm.metrics.frechet import distance_to_reference

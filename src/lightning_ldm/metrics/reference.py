@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_ldm.atomic import atomic_path
 from lightning_ldm.errors import ConfigError
-from lightning_ldm.metrics.distributed import broadcast_object, gather_rows, rank_and_world, shard
+from lightning_ldm.distributed import broadcast_object, gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import FeatureExtractor
 from lightning_ldm.metrics.frechet import GaussianStatistics
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lightning_ldm.metrics.distributed import gather_rows, rank_and_world, shard
+from lightning_ldm.distributed import gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import FeatureExtractor
 
 

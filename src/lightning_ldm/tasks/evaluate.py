@@ -30,7 +30,7 @@ from lightning_ldm import atomic
 from lightning_ldm.diffusion.seeds import read_prompts
 from lightning_ldm.errors import CheckpointError, ConfigError
 from lightning_ldm.metrics.callback import as_spec
-from lightning_ldm.metrics.distributed import gather_rows, rank_and_world, shard
+from lightning_ldm.distributed import gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import build_feature_extractor, check_spec
 from lightning_ldm.metrics.frechet import distance_to_reference
 from lightning_ldm.metrics.reference import load_or_compute_reference, reference_indices, split_view

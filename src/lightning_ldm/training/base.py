@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_ldm.errors import ConfigError, NonFiniteLossError
-from lightning_ldm.metrics.distributed import all_reduce
+from lightning_ldm.distributed import all_reduce
 from lightning_ldm.training.nonfinite import NonFiniteGuard
 from lightning_ldm.training.optimizer_settings import apply_configured_learning_rates
 from lightning_ldm.training.replicas import differing_across_ranks

@@ -9,7 +9,7 @@ Buffers are left out: BatchNorm statistics differ between ranks without SyncBatc
 import torch
 from torch import nn
 
-from lightning_ldm.metrics.distributed import min_max_over_ranks
+from lightning_ldm.distributed import min_max_over_ranks
 
 
 def parameter_checksum(module: nn.Module) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 
-from lightning_ldm.metrics.distributed import rank_and_world
+from lightning_ldm.distributed import rank_and_world
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

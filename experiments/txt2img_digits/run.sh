@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Text-to-image end to end on captioned digit scenes, one device, then prompt accuracy of the samples:
+#   ae      stage 1, experiment=txt2img-digits-autoencoder (KL f4) for AE_SECONDS of training time
+#   ldm     stage 2, experiment=txt2img-digits (UNet with cross-attention + a text transformer trained with it,
+#           its tokenizer learned from the captions) on that export for TRAIN_SECONDS of training time
+#   sample  COUNT seen and COUNT held-out prompts (evaluation_prompts of the data), REPEATS seeds each, CFG GUIDANCE
+#   score   experiments/txt2img_digits/score.py: prompt accuracy per seed block, shuffled prompts, real scenes, FD
+# Usage (repo root; the caller sets OUT; on the GPU machine carry .whl with tokenizers in it):
+#   bash experiments/txt2img_digits/run.sh                  # every phase
+#   SIZE=32 DEVICE=cpu bash experiments/txt2img_digits/run.sh   # the CPU quickstart (experiment=txt2img-digits-cpu)
+# Environment: OUT (/tmp/out), WORK (outputs/txt2img_digits), SIZE (64), DEVICE (gpu | cpu), AE_SECONDS (120),
+# TRAIN_SECONDS (240), COUNT (200), REPEATS (3), GUIDANCE (3), SMOKE=1 (tiny sizes, a check of the commands).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+SIZE=${SIZE:-64} DEVICE=${DEVICE:-gpu} SMOKE=${SMOKE:-0}
+AE_SECONDS=${AE_SECONDS:-120} TRAIN_SECONDS=${TRAIN_SECONDS:-240}
+COUNT=${COUNT:-200} REPEATS=${REPEATS:-3} GUIDANCE=${GUIDANCE:-3}
+WORK=$(realpath -m "${WORK:-outputs/txt2img_digits}")
+EXPORT=$WORK/autoencoder/ae/export/autoencoder.safetensors
+CKPT=$WORK/diffusion/ldm/checkpoints/last.ckpt
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(ae ldm sample score)
+exec > >(tee -a "$OUT/txt2img_digits.log") 2>&1
+t0=$(date +%s)
+if [ -d .whl ] && [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | grep -v "^WARNING: Target"
+  export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
+python3 -c "import torch, lightning, tokenizers; print('torch', torch.__version__, 'lightning', lightning.__version__, 'tokenizers', tokenizers.__version__)"
+echo "git $(git rev-parse --short HEAD 2>/dev/null); phases ${phases[*]}; SIZE=$SIZE DEVICE=$DEVICE AE_SECONDS=$AE_SECONDS" \
+     "TRAIN_SECONDS=$TRAIN_SECONDS COUNT=$COUNT REPEATS=$REPEATS GUIDANCE=$GUIDANCE"
+
+common=(data.image_size=$SIZE logger=csv "paths.output_root=$WORK" callbacks.progress=null
+        +trainer.enable_progress_bar=false)
+[ "$DEVICE" = cpu ] && common+=(trainer=cpu)
+extra_ae=() extra_ldm=() extra_sample=()
+if [ "$SMOKE" = 1 ]; then
+  extra_ae=(data.num_scenes=256 data.batch_size=8 loss.disc_start=5 trainer.val_check_interval=5 trainer.limit_val_batches=1)
+  extra_ldm=(data.num_scenes=256 data.batch_size=8 module.cache_latents=false trainer.val_check_interval=20
+             trainer.limit_val_batches=1 module.scale_estimation_batches=2 module.sampler_steps=2 module.num_log_images=4)
+  extra_sample=(sample.steps=2)
+fi
+[ "$DEVICE" = cpu ] && extra_sample+=(sample.accelerator=cpu)
+
+pack() {   # small results -> $OUT/txt2img_digits.tgz (never checkpoints, exports or caches)
+  tar -C "$WORK" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='*.pt' --exclude='latent_cache' \
+    -czf "$OUT/txt2img_digits.tgz.tmp" . 2>/dev/null &&
+    mv -f "$OUT/txt2img_digits.tgz.tmp" "$OUT/txt2img_digits.tgz"
+}
+for phase in "${phases[@]}"; do
+  start=$(date +%s)
+  echo "=== $phase ($(( start - t0 )) s since the start)"
+  case "$phase" in
+    ae)
+      rm -rf "$WORK/autoencoder/ae"
+      python3 -m lightning_ldm experiment=txt2img-digits-autoencoder "${common[@]}" run_name=ae max_steps=100000000 \
+        "max_train_seconds=$AE_SECONDS" "${extra_ae[@]}" ;;
+    ldm)
+      rm -rf "$WORK/diffusion/ldm"
+      python3 -m lightning_ldm experiment=txt2img-digits "${common[@]}" run_name=ldm "autoencoder.path=$EXPORT" \
+        max_steps=100000000 "max_train_seconds=$TRAIN_SECONDS" "${extra_ldm[@]}" ${LDM_ARGS:-} ;;
+    sample)
+      python3 experiments/txt2img_digits/score.py --write-prompts "$WORK/prompts" --count "$COUNT" --reader unused &&
+      for kind in seen held_out; do
+        rm -rf "$WORK/sample/$kind"
+        python3 -m lightning_ldm stage=sample "sample.ckpt=$CKPT" "paths.output_root=$WORK" run_name=$kind \
+          "sample.prompt_file=$WORK/prompts/$kind.txt" "sample.num_samples=$(( COUNT * REPEATS ))" \
+          sample.batch_size=200 sample.grid_size=64 "sample.guidance_scale=$GUIDANCE" "${extra_sample[@]}" || break
+      done ;;
+    score)
+      python3 experiments/txt2img_digits/score.py --repeats "$REPEATS" --reader "$WORK/digit_reader.safetensors" \
+        --samples "seen=$WORK/sample/seen/images" "held_out=$WORK/sample/held_out/images" \
+        --out "$WORK/scores.json" ;;
+    *) echo "unknown phase $phase (ae ldm sample score)"; false ;;
+  esac
+  echo "=== $phase: exit $?, $(( $(date +%s) - start )) s wall"
+  pack
+done
+echo "=== all: $(( $(date +%s) - t0 )) s wall"
