@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from lightning_ldm.diffusion.samplers import SamplerSettings
 from lightning_ldm.diffusion.samplers.common import make_spec
 from lightning_ldm.metrics.features import save_extractor_checkpoint
 from lightning_ldm.training.base import StepCountingModule
@@ -104,7 +105,7 @@ class StubDiffusion(StepCountingModule):
         self.first_stage = OneChannelLatents()
         self.latent_size = 2
         self.num_classes = None
-        self.sampler_settings = {"name": "ddim", "steps": 3, "eta": 0.0, "guidance_scale": 1.0}
+        self.sampling = SamplerSettings("ddim", 3, 0.0, 1.0)
         self.generate_calls = 0
         from lightning_ldm.tasks.sample import initial_noise
 

@@ -13,7 +13,7 @@ STAGE1 = ["stage=autoencoder", "run_name=ae", "max_steps=3", "trainer=cpu", "log
           "trainer.limit_val_batches=1", "trainer.val_check_interval=3", "module.image_log_every=0"]
 STAGE2 = ["stage=diffusion", "run_name=ldm", "trainer=cpu", "logger=csv", "data.batch_size=8",
           "trainer.limit_val_batches=2", "trainer.val_check_interval=2", "module.scale_estimation_batches=2",
-          "module.num_log_images=4", "module.sampler_steps=3", "module.warmup_steps=2"]
+          "module.num_log_images=4", "module.sampling.steps=3", "module.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ def ddp_runs(tmp_path_factory):
     stage1 = run_cli("stage=autoencoder", "run_name=ae", "loss.disc_start=2", "module.image_log_every=0", *DDP, cwd=cwd)
     assert stage1.returncode == 0, stage1.stderr[-3000:]
     stage2 = run_cli("stage=diffusion", "run_name=ldm", "module.scale_estimation_batches=2",
-                     "module.num_log_images=2", "module.sampler_steps=2", *DDP, cwd=cwd)
+                     "module.num_log_images=2", "module.sampling.steps=2", *DDP, cwd=cwd)
     assert stage2.returncode == 0, stage2.stderr[-3000:]
     return cwd, stage1, stage2
 

@@ -36,7 +36,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evaluate")
     torch.manual_seed(0)
     module = DiffusionModule(first_stage=identity_first_stage(image_channels=1), unet=functools.partial(UNet, **PRESETS["tiny"]),
-                             schedule=NoiseSchedule(), image_size=32, sampler="ddim", sampler_steps=2, num_log_images=0)
+                             schedule=NoiseSchedule(), image_size=32, sampling={"sampler": "ddim", "steps": 2}, num_log_images=0)
     stage2 = save_ema_export(module, root / "diffusion" / "export" / "ldm-ema.safetensors")
     stage1 = save_autoencoder_export(Autoencoder(**{**SMALL_PRESETS["kl-f2-small"], "in_channels": 1}),
                                      root / "autoencoder" / "export" / "autoencoder.safetensors",

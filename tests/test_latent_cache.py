@@ -12,7 +12,7 @@ from lightning_ldm.autoencoder.model import SMALL_PRESETS, Autoencoder
 from lightning_ldm.data.digits import DigitsDataModule
 from lightning_ldm.diffusion.module import DiffusionModule
 from lightning_ldm.diffusion.schedules import NoiseSchedule
-from lightning_ldm.latent.cache import LatentDataset, cache_key, first_stage_identity, load_or_build_cache
+from lightning_ldm.latent.cache import CachedLatents, LatentDataset, cache_key, first_stage_identity, load_or_build_cache
 from lightning_ldm.latent.first_stage import load_first_stage
 from lightning_ldm.unet.model import PRESETS, UNet
 from few_digits import FewDigits
@@ -167,9 +167,11 @@ def test_training_from_the_cache(tmp_path, monkeypatch):
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Spy()], default_root_dir=str(tmp_path / "run"))
     before = [p.clone() for p in module.unet.parameters()]
-    trainer.fit(module, datamodule=data)
+    cached = CachedLatents(data, str(tmp_path / "cache"))
+    trainer.fit(module, datamodule=cached)
     assert len(list((tmp_path / "cache").glob("latents-*.pt"))) == 1
-    assert isinstance(data.train_dataset, LatentDataset)
+    assert isinstance(cached.latents(), LatentDataset)
+    assert not isinstance(data.train_dataset, LatentDataset)  # the image data is not written into
     assert batches == [["label", "latent_mean", "latent_std"]] * 2  # no image reached a training step
     assert all(torch.isfinite(torch.tensor(losses)))
     assert module.first_stage.scale_is_set
@@ -214,13 +216,13 @@ def test_a_resumed_run_caches_the_checkpoints_first_stage_not_a_replaced_export(
     first = module()
     trained_weights = {k: v.clone() for k, v in first.first_stage.state_dict().items()}
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
-    trainer(1, callbacks=[checkpoints]).fit(first, datamodule=data)
+    trainer(1, callbacks=[checkpoints]).fit(first, datamodule=CachedLatents(data, str(tmp_path / "cache")))
     caches = sorted((tmp_path / "cache").glob("latents-*.pt"))
     assert len(caches) == 1
 
     make_export(export, data, seed=5)  # a newer stage 1 written over the export the run started from
     resumed = module()
-    trainer(2, enable_checkpointing=False).fit(resumed, datamodule=FewDigits(every=50, batch_size=4),
+    trainer(2, enable_checkpointing=False).fit(resumed, datamodule=CachedLatents(FewDigits(every=50, batch_size=4), str(tmp_path / "cache")),
                                                ckpt_path=str(tmp_path / "checkpoints/last.ckpt"))
     for key, value in resumed.first_stage.state_dict().items():
         assert torch.equal(value, trained_weights[key] if key != "scale_factor" else first.first_stage.scale_factor)

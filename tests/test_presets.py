@@ -222,7 +222,7 @@ def _tiny_overrides(cfg, name: str, workspace) -> list[str]:
     if cfg.data._target_.endswith("ImageFolderDataModule"):
         overrides.append(f"data.root={root / 'images'}")
     if name in FIRST_STAGE_OF:
-        overrides += ["unet.model_channels=32", "unet.num_res_blocks=1", "module.sampler_steps=2",
+        overrides += ["unet.model_channels=32", "unet.num_res_blocks=1", "module.sampling.steps=2",
                       "module.scale_estimation_batches=2"]
     else:
         overrides += ["autoencoder.ch=32", "autoencoder.num_res_blocks=1"]

@@ -47,7 +47,7 @@ def diffusion_module(tmp_path) -> tuple[DiffusionModule, FewDigits]:
     export = make_export(tmp_path / "export/autoencoder.safetensors", data.identity())
     return DiffusionModule(first_stage=load_first_stage(path=str(export)), unet=TINY_UNET, schedule=NoiseSchedule(),
                            image_size=32, scale_estimation_batches=2, num_log_images=0, lr=1e-3, ema_decay=0.9, max_steps=4,
-                           sampler_steps=2), data
+                           sampling={"steps": 2}), data
 
 
 @pytest.mark.parametrize("stage", ["autoencoder", "diffusion"])

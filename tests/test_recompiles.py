@@ -71,7 +71,7 @@ def test_sampling_compiles_the_network_once_for_every_solver_step(compose, compi
 
     counter, _, forbid_recompiles = compiled_once
     module = instantiate(compose("stage=diffusion", "autoencoder=identity", "unet=tiny", "conditioning=class",
-                                 "module.conditioning.class.num_classes=10", "module.guidance_scale=2.0").module)
+                                 "module.conditioning.class.num_classes=10", "module.sampling.guidance_scale=2.0").module)
     module.prepare_for_sampling(compile=True)
     module.generate(3, steps=4, generator=torch.Generator().manual_seed(0))
     after_first = counter.frame_count

@@ -100,7 +100,7 @@ def forbid_estimation(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("estimate_scale_factor must not be called")
 
-    monkeypatch.setattr("lightning_ldm.diffusion.module.estimate_scale_factor", refuse)
+    monkeypatch.setattr("lightning_ldm.latent.first_stage.estimate_scale_factor", refuse)
 
 
 def test_scale_factor_is_estimated_once_stored_and_not_recomputed_on_resume(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def trained(tmp_path_factory):
     export = make_export(root / "stage1/export/autoencoder.safetensors", data.identity())
     module = DiffusionModule(first_stage=load_first_stage(path=str(export)), unet=TINY_UNET,
                              schedule=NoiseSchedule(), image_size=32, scale_estimation_batches=2, num_log_images=0,
-                             lr=2e-3, ema_decay=0.9, sampler_steps=4)
+                             lr=2e-3, ema_decay=0.9, sampling={"steps": 4})
     first_stage_before = {k: v.clone() for k, v in module.first_stage.state_dict().items() if k != "scale_factor"}
     seen = types.SimpleNamespace(first_stage_training=[], first_stage_grads=[])
 

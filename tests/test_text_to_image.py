@@ -32,7 +32,7 @@ PROMPTS = ["a red 3", "a large blue 7 left of a small green 1"]
 
 def text_module(**kwargs) -> DiffusionModule:
     options = dict(first_stage=identity_first_stage(image_channels=3), unet=TINY_UNET, schedule=NoiseSchedule(),
-                   image_size=32, conditioning=TEXT, num_log_images=0, lr=2e-3, ema_decay=0.9, sampler_steps=3)
+                   image_size=32, conditioning=TEXT, num_log_images=0, lr=2e-3, ema_decay=0.9, sampling={"steps": 3})
     return DiffusionModule(**{**options, **kwargs})
 
 

@@ -75,7 +75,7 @@ def build_model(device: torch.device, sampler: str, steps: int):
                                    regularizer=config["regularizer"], scale_factor=1.0)
     unet = instantiate(OmegaConf.load(REPO / "conf" / "unet" / "small.yaml"))
     module = DiffusionModule(first_stage=first_stage, unet=unet, schedule=NoiseSchedule(), image_size=32,
-                             sampler=sampler, sampler_steps=steps, num_log_images=0)
+                             sampling={"sampler": sampler, "steps": steps}, num_log_images=0)
     return module.to(device).eval()
 
 

@@ -54,7 +54,7 @@ smoke_all=(); smoke_ae=(); smoke_ldm=(); smoke_eval=(); smoke_script=()
 if [ "$SMOKE" = 1 ]; then
   smoke_all=(trainer=cpu data.batch_size=16 data.num_workers=2 trainer.val_check_interval=10 trainer.limit_val_batches=1)
   smoke_ae=(max_steps=20 loss.disc_start=10)
-  smoke_ldm=(unet=tiny module.cache_latents=false module.sampler_steps=2 module.num_log_images=4
+  smoke_ldm=(unet=tiny module.cache_latents=false module.sampling.steps=2 module.num_log_images=4
              module.scale_estimation_batches=2 callbacks.fid.batch_size=24 callbacks.fid.reference_num_images=200)
   smoke_eval=(evaluate.num_samples=64 evaluate.batch_size=32 evaluate.accelerator=cpu)
   smoke_script=(--dry-run)

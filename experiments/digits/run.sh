@@ -53,7 +53,7 @@ smoke_all=(); smoke_ae=(); smoke_ldm=(); smoke_eval=(); smoke_sample=(); smoke_s
 if [ "$SMOKE" = 1 ]; then
   smoke_all=(trainer=cpu data.batch_size=16 trainer.limit_val_batches=1)
   smoke_ae=(max_steps=20 loss.disc_start=10 trainer.val_check_interval=10)
-  smoke_ldm=(data.batch_size=4 unet=tiny module.cache_latents=false module.sampler_steps=2 module.num_log_images=10
+  smoke_ldm=(data.batch_size=4 unet=tiny module.cache_latents=false module.sampling.steps=2 module.num_log_images=10
              module.scale_estimation_batches=2 trainer.val_check_interval=50 callbacks.fid.batch_size=24
              callbacks.fid.reference_num_images=100)
   smoke_eval=(evaluate.num_samples=64 evaluate.batch_size=32 evaluate.accelerator=cpu)

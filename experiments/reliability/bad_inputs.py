@@ -17,7 +17,7 @@ from pathlib import Path
 
 TINY = ["trainer=cpu", "logger=csv", "data.batch_size=8", "trainer.limit_val_batches=1", "trainer.val_check_interval=3",
         "callbacks.progress.refresh_rate=0"]
-STAGE2 = ["module.scale_estimation_batches=1", "module.num_log_images=0", "module.sampler_steps=2"]
+STAGE2 = ["module.scale_estimation_batches=1", "module.num_log_images=0", "module.sampling.steps=2"]
 AE = ["stage=autoencoder", "run_name=ae", *TINY, "module.image_log_every=0"]
 LDM = ["stage=diffusion", "run_name=ldm", *TINY, *STAGE2]
 

@@ -9,7 +9,7 @@
 #   bash experiments/txt2img_digits/run.sh                  # every phase
 #   SIZE=32 DEVICE=cpu bash experiments/txt2img_digits/run.sh   # the CPU quickstart (experiment=txt2img-digits-cpu)
 # Environment: OUT (/tmp/out), WORK (outputs/txt2img_digits), SIZE (64), DEVICE (gpu | cpu), AE_SECONDS (120),
-# TRAIN_SECONDS (240), COUNT (200), REPEATS (3), GUIDANCE (3), SMOKE=1 (tiny sizes, a check of the commands).
+# TRAIN_SECONDS (240), LDM_EXPERIMENT (txt2img-digits; txt2img-digits-cpu on the CPU), LDM_ARGS, COUNT (200), REPEATS (3), GUIDANCE (3), SMOKE=1 (tiny sizes, a check of the commands).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
@@ -17,6 +17,7 @@ mkdir -p "$OUT"
 SIZE=${SIZE:-64} DEVICE=${DEVICE:-gpu} SMOKE=${SMOKE:-0}
 AE_SECONDS=${AE_SECONDS:-120} TRAIN_SECONDS=${TRAIN_SECONDS:-240}
 COUNT=${COUNT:-200} REPEATS=${REPEATS:-3} GUIDANCE=${GUIDANCE:-3}
+LDM_EXPERIMENT=${LDM_EXPERIMENT:-$([ "$DEVICE" = cpu ] && echo txt2img-digits-cpu || echo txt2img-digits)}
 WORK=$(realpath -m "${WORK:-outputs/txt2img_digits}")
 EXPORT=$WORK/autoencoder/ae/export/autoencoder.safetensors
 CKPT=$WORK/diffusion/ldm/checkpoints/last.ckpt
@@ -42,7 +43,7 @@ extra_ae=() extra_ldm=() extra_sample=()
 if [ "$SMOKE" = 1 ]; then
   extra_ae=(data.num_scenes=256 data.batch_size=8 loss.disc_start=5 trainer.val_check_interval=5 trainer.limit_val_batches=1)
   extra_ldm=(data.num_scenes=256 data.batch_size=8 module.cache_latents=false trainer.val_check_interval=20
-             trainer.limit_val_batches=1 module.scale_estimation_batches=2 module.sampler_steps=2 module.num_log_images=4)
+             trainer.limit_val_batches=1 module.scale_estimation_batches=2 module.sampling.steps=2 module.num_log_images=4)
   extra_sample=(sample.steps=2)
 fi
 [ "$DEVICE" = cpu ] && extra_sample+=(sample.accelerator=cpu)
@@ -62,7 +63,7 @@ for phase in "${phases[@]}"; do
         "max_train_seconds=$AE_SECONDS" "${extra_ae[@]}" ;;
     ldm)
       rm -rf "$WORK/diffusion/ldm"
-      python3 -m lightning_ldm experiment=txt2img-digits "${common[@]}" run_name=ldm "autoencoder.path=$EXPORT" \
+      python3 -m lightning_ldm "experiment=$LDM_EXPERIMENT" "${common[@]}" run_name=ldm "autoencoder.path=$EXPORT" \
         max_steps=100000000 "max_train_seconds=$TRAIN_SECONDS" "${extra_ldm[@]}" ${LDM_ARGS:-} ;;
     sample)
       python3 experiments/txt2img_digits/score.py --write-prompts "$WORK/prompts" --count "$COUNT" --reader unused &&

@@ -155,4 +155,6 @@ def join_for_guidance(cond: Cond, uncond: Cond) -> Cond:
 
 
 def _batch_size(values: Any) -> int:
+    if isinstance(values, Mapping):  # inputs encoded ahead (the latent cache's captions): a mapping of tensors
+        values = next(iter(values.values()))
     return values.shape[0] if isinstance(values, Tensor) else len(values)

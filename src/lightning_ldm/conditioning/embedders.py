@@ -9,7 +9,7 @@ for the host; a frozen one replaces its output by the null output, which is the 
 """
 
 import copy
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,15 @@ class Embedder(nn.Module):
 
     def check_batch(self, values: Any) -> None:
         """One clear line when the data does not carry this condition."""
+
+    def cache_identity(self) -> Optional[dict[str, Any]]:
+        """What ``encode_for_cache`` depends on (its key in the latent cache); None: inputs are not cached."""
+        return None
+
+    def encode_for_cache(self, values: Sequence[Any], device: torch.device) -> dict[str, Tensor]:
+        """The stored form of ``values``, on the CPU; ``forward`` takes a batch of it (a mapping of tensors) in
+        place of the raw values."""
+        raise NotImplementedError
 
     def forward(self, values: Any, device: torch.device, dropped: Optional[Tensor] = None) -> Tensor:
         """The embedding of ``values``; items where ``dropped`` (bool (B,) on ``device``) holds get the null
@@ -166,15 +175,31 @@ class CaptionEmbedder(Embedder):
         return [""] * n
 
     def check_batch(self, values: Any) -> None:
+        if isinstance(values, Mapping):  # captions encoded in the latent cache
+            return
         if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
             raise DataError(f"text conditioning reads captions (a list of strings) from the batch's "
                             f"{self.input_key!r}, got {type(values).__name__}")
 
-    def forward(self, values: Sequence[str], device: torch.device, dropped: Optional[Tensor] = None) -> Tensor:
+    def cache_identity(self) -> Optional[dict[str, Any]]:
+        return {"kind": "token_ids", "tokenizer": self._tokenizer().fingerprint}
+
+    def encode_for_cache(self, values: Sequence[str], device: torch.device) -> dict[str, Tensor]:
+        ids, mask = self._tokenizer().encode(list(values))
+        return {"ids": ids.to(torch.int32), "mask": mask}
+
+    def _tokenizer(self):
         if self.tokenizer is None:
             raise ConfigError("the caption embedder has no tokenizer: it is trained on the data's captions when "
                               "training starts, or restored from a checkpoint")
-        ids, mask = self.tokenizer.encode(list(values))
+        return self.tokenizer
+
+    def forward(self, values: Union[Sequence[str], Mapping[str, Tensor]], device: torch.device,
+                dropped: Optional[Tensor] = None) -> Tensor:
+        if isinstance(values, Mapping):
+            ids, mask = values["ids"].long(), values["mask"].bool()
+        else:
+            ids, mask = self._tokenizer().encode(list(values))
         ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         if dropped is not None:
             null_ids, null_mask = self._null_tokens(device)
@@ -248,15 +273,36 @@ class FrozenCLIPTextEmbedder(Embedder):
     null_values = CaptionEmbedder.null_values
     check_batch = CaptionEmbedder.check_batch
 
-    @torch.no_grad()
-    def forward(self, values: Sequence[str], device: torch.device, dropped: Optional[Tensor] = None) -> Tensor:
+    def cache_identity(self) -> Optional[dict[str, Any]]:
+        return {"kind": "clip_text", "tower": self._tower.model.fingerprint}
+
+    def encode_for_cache(self, values: Sequence[str], device: torch.device) -> dict[str, Tensor]:
+        return {"context": self._on(device).encode(list(values), device).half().cpu()}
+
+    def _on(self, device: torch.device):
         tower = self._tower.model
         if next(tower.parameters()).device != torch.device(device):
             tower.to(device)
-        out = tower.encode(list(values), device)
+        return tower
+
+    @torch.no_grad()
+    def forward(self, values: Union[Sequence[str], Mapping[str, Tensor]], device: torch.device,
+                dropped: Optional[Tensor] = None) -> Tensor:
+        tower = self._on(device)
+        if isinstance(values, Mapping):  # the tower's outputs, stored as float16 in the latent cache
+            out = values["context"].to(device=device, dtype=torch.float32, non_blocking=True)
+        else:
+            out = tower.encode(list(values), device)
         if dropped is not None:
-            out = torch.where(dropped[:, None, None], tower.encode([""], device), out)
+            out = torch.where(dropped[:, None, None], self._null_output(device), out)
         return out
+
+    def _null_output(self, device: torch.device) -> Tensor:
+        """The empty caption's encoding, computed once per device."""
+        key = str(device)
+        if getattr(self, "_null_cache", (None,))[0] != key:
+            self._null_cache = (key, self._on(device).encode([""], device))
+        return self._null_cache[1]
 
 
 EMBEDDERS: dict[str, type[Embedder]] = {"class": ClassEmbedder, "text": CaptionEmbedder,

@@ -78,21 +78,29 @@ class TensorImages:
         return resize_uint8(self.pixels[index], self.image_size), int(self.labels[index])
 
 
+def pick_caption(captions: Sequence[Any], draw: bool) -> Any:
+    """One of an item's captions: drawn at random (torch's RNG) when ``draw``, else the first."""
+    return captions[int(torch.randint(len(captions), ()))] if draw and len(captions) > 1 else captions[0]
+
+
 class SplitView(Dataset):
     """One side of the split: items ``{"image": float (C, H, W) in [-1, 1], "label": int}``, plus ``"caption"``
     (str) for a captioned source.
 
     Train and val run the same preprocessing; only the train view flips (``flip``), and a flipped image's
-    caption has "left" and "right" swapped. The train view draws one of an item's captions at random each time
-    (torch's RNG, seeded per worker); val always takes the first, so validation is fixed. With ``skip_corrupt``
-    an item that fails to decode is replaced by the next one of the same view, so nothing leaks across.
+    caption has "left" and "right" swapped. The train view (``draw_captions``) draws one of an item's captions at
+    random each time (torch's RNG, seeded per worker); val always takes the first, so validation is fixed. With
+    ``skip_corrupt`` an item that fails to decode is replaced by the next one of the same view, so nothing leaks
+    across.
     """
 
-    def __init__(self, source: ImageSource, indices: Sequence[int], *, flip: bool, skip_corrupt: bool = False):
+    def __init__(self, source: ImageSource, indices: Sequence[int], *, flip: bool, skip_corrupt: bool = False,
+                 draw_captions: bool = False):
         self.source = source
         self.indices = list(indices)
         self.flip = flip
         self.skip_corrupt = skip_corrupt
+        self.draw_captions = draw_captions
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -108,10 +116,8 @@ class SplitView(Dataset):
         return item
 
     def caption(self, index: int, mirrored: bool = False) -> str:
-        """One caption of source item ``index``: drawn at random in the train view (``flip`` marks it), the
-        first in the other."""
-        captions = self.source.captions(index)
-        chosen = captions[int(torch.randint(len(captions), ()))] if self.flip and len(captions) > 1 else captions[0]
+        """One caption of source item ``index``: drawn at random in the train view, the first in the other."""
+        chosen = pick_caption(self.source.captions(index), self.draw_captions)
         return mirror_caption(chosen) if mirrored else chosen
 
     def first_captions(self) -> list[str]:
@@ -230,7 +236,8 @@ class ImageDataModule(pl.LightningDataModule):
             return  # idempotent: Lightning calls setup per stage, and callers may call it again
         source = self._load_source()
         train, val = split_indices(source.split_keys(), self.val_fraction, self.seed)
-        self.train_dataset = SplitView(source, train, flip=self.flip, skip_corrupt=self.skip_corrupt)
+        self.train_dataset = SplitView(source, train, flip=self.flip, skip_corrupt=self.skip_corrupt,
+                                       draw_captions=True)
         self.val_dataset = SplitView(source, val, flip=False, skip_corrupt=self.skip_corrupt)
 
     def train_dataloader(self) -> DataLoader:
@@ -240,13 +247,13 @@ class ImageDataModule(pl.LightningDataModule):
                 f"data.batch_size={self.batch_size} is larger than the {len(self.train_dataset)} training images "
                 f"of {self.name}; lower data.batch_size or add images"
             )
-        return self._loader(self.train_dataset, train=True)
+        return self.loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.val_dataset, train=False)
+        return self.loader(self.val_dataset, train=False)
 
-    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+    def loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         return ImageDataLoader(
             dataset,
             batch_size=self.batch_size,

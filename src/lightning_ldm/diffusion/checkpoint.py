@@ -31,14 +31,11 @@ def build_module(config: dict) -> DiffusionModule:
     """A DiffusionModule with the architecture described by ``config`` (random weights)."""
     config = upgrade_config(config)
     unet_config = {k: v for k, v in config["unet"].items() if k not in _SET_BY_MODULE}
-    sampler = config.get("sampler", {})
     return DiffusionModule(
         first_stage=rebuild_first_stage(config["first_stage"], config.get("sample_posterior", True)),
         unet=functools.partial(UNet, **unet_config), schedule=NoiseSchedule(**config["schedule"]),
         image_size=config["image_size"], prediction=config["prediction"], conditioning=config["conditioning"],
-        sampler=sampler.get("name", "dpmpp_2m"),
-        sampler_steps=sampler.get("steps", 20), sampler_eta=sampler.get("eta"),
-        guidance_scale=sampler.get("guidance_scale", 1.0))
+        sampling=config.get("sampling"))
 
 
 def _first_line(error: Exception) -> str:

@@ -1,6 +1,7 @@
 """Stage-2 files written before the conditioner existed (checkpoint format version 1): class labels were
 embedded inside the UNet (``unet.label_embed`` for ADM, ``unet.class_context`` for cross-attention) and the EMA
-held the UNet alone. Their configs and weights map one to one onto today's layout."""
+held the UNet alone; and files written before the sampling settings were one node (``sampler`` with ``name``).
+Their configs and weights map one to one onto today's layout."""
 
 from typing import Any, Mapping
 
@@ -8,9 +9,12 @@ _OLD_TABLES = ("label_embed.weight", "class_context.weight")
 
 
 def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A version-1 rebuild config with ``conditioning`` none / adm / crossattn and ``num_classes`` (null class
-    included in the UNet's table, excluded here) as today's embedder specs."""
+    """An older rebuild config in today's form: ``sampler`` as ``sampling``; version 1's ``conditioning`` none / adm
+    / crossattn and ``num_classes`` (null class included in the UNet's table, excluded here) as embedder specs."""
     config = dict(config)
+    if "sampler" in config:  # before the sampling node: {name, steps, eta, guidance_scale}
+        sampler = dict(config.pop("sampler"))
+        config["sampling"] = {"sampler": sampler.pop("name", "dpmpp_2m"), **sampler}
     old = config.get("conditioning")
     if isinstance(old, dict):
         return config

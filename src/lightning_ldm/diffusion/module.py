@@ -21,12 +21,12 @@ from lightning_ldm.conditioning.conditioner import Conditioner
 from lightning_ldm.diffusion.guidance import guided_model_fn
 from lightning_ldm.diffusion.loss import DenoisingLoss
 from lightning_ldm.diffusion.parameterization import Prediction
-from lightning_ldm.diffusion.samplers import SamplerName, make_denoiser, sample
+from lightning_ldm.diffusion.samplers import SamplerSettings, make_denoiser, sample
 from lightning_ldm.diffusion.schedules import NoiseSchedule
 from lightning_ldm.errors import ConfigError
-from lightning_ldm.latent.cache import load_or_build_cache
+from lightning_ldm.latent.cache import CachedLatents
 from lightning_ldm.latent.first_stage import FrozenFirstStage
-from lightning_ldm.latent.scale import estimate_scale_factor, ranks_agree
+from lightning_ldm.latent.scale import ranks_agree
 from lightning_ldm.training.acceleration import (channels_last_input, resolve_compile, training_on_gpu,
                                                  use_channels_last, use_cuda_graphs)
 from lightning_ldm.training.base import StepCountingModule
@@ -60,10 +60,7 @@ class DiffusionModule(StepCountingModule):
         scale_estimation_batches: int = 32,
         cache_latents: bool = False,
         cache_dir: Optional[str] = None,
-        sampler: SamplerName = "dpmpp_2m",
-        sampler_steps: int = 20,
-        sampler_eta: Optional[float] = None,
-        guidance_scale: float = 1.0,
+        sampling: Optional[Mapping[str, Any]] = None,
         image_log_every: int = 500,
         num_log_images: int = 16,
         compile: Optional[bool] = None,
@@ -98,7 +95,7 @@ class DiffusionModule(StepCountingModule):
         self.lr, self.weight_decay, self.adam_betas, self.warmup_steps = lr, weight_decay, tuple(adam_betas), warmup_steps
         self.scale_estimation_batches = scale_estimation_batches
         self.cache_latents, self.cache_dir = cache_latents, cache_dir
-        self.sampler_settings = dict(name=sampler, steps=sampler_steps, eta=sampler_eta, guidance_scale=guidance_scale)
+        self.sampling = SamplerSettings.from_config(sampling)
         self.image_log_every, self.num_log_images = image_log_every, num_log_images
         self.compile_setting = compile
         self.cuda_graphs_setting = cuda_graphs
@@ -110,7 +107,7 @@ class DiffusionModule(StepCountingModule):
             "unet": self.unet.config, "schedule": schedule.config if hasattr(schedule, "config") else {
                 k: getattr(schedule, k) for k in ("kind", "num_timesteps", "beta_start", "beta_end", "cosine_s")},
             "image_size": image_size, "prediction": prediction, "conditioning": self.conditioner.spec,
-            "sampler": self.sampler_settings,
+            "sampling": self.sampling.as_dict(),
         }
 
     def trained_networks(self) -> nn.ModuleDict:
@@ -124,6 +121,10 @@ class DiffusionModule(StepCountingModule):
 
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and self.cache_latents and not isinstance(datamodule, CachedLatents):
+            raise ConfigError("module.cache_latents=true, but the data is not wrapped: train with "
+                              "datamodule=lightning_ldm.latent.cache.CachedLatents(data) (the command line does this)")
         if stage == "fit" and not self._accelerated:
             self._accelerated = True
             self.channels_last = training_on_gpu(self.trainer)
@@ -135,9 +136,8 @@ class DiffusionModule(StepCountingModule):
                 # one GPU and compiled 2.2x longer (experiments/scaling/README.md).
                 self.cuda_graphs = use_cuda_graphs(self.cuda_graphs_setting, self.trainer)
                 self.unet.compile(mode="reduce-overhead" if self.cuda_graphs else None)
-                if not self.cache_latents and self.first_stage.autoencoder is not None:
+                if not isinstance(datamodule, CachedLatents) and self.first_stage.autoencoder is not None:
                     self.first_stage.autoencoder.encoder.compile()  # encoding every batch: as hot as the UNet
-        datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or stage != "fit":
             return
         if datamodule.image_size != self.image_size:
@@ -159,17 +159,8 @@ class DiffusionModule(StepCountingModule):
         # Here, not in setup(): a resumed run has restored the checkpoint's first stage by now, and the cache and
         # the scale must come from those weights, not from whatever export now sits at autoencoder.path.
         self._prepare_conditioner()
-        if self.cache_latents:
-            self._use_latent_cache()
         self._report_first_stage()
-        if not self.first_stage.scale_is_set:
-            scale = estimate_scale_factor(self._scale_estimation_loader(), self._unscaled_latents,
-                                          self.scale_estimation_batches, self.device)
-            self.first_stage.scale_factor.fill_(scale)
-        scale = float(self.first_stage.scale_factor)
-        low, high = ranks_agree(scale, self.device)
-        if low != high:  # a rank on another scale trains on differently scaled latents: the LD DDP bug
-            raise RuntimeError(f"scale_factor differs across ranks: {low} .. {high}")
+        scale = self.first_stage.fit_scale(self._scale_estimation_loader(), self.scale_estimation_batches, self.device)
         if self.trainer.is_global_zero:
             world = self.trainer.world_size
             same = f" (identical on all {world} ranks)" if world > 1 else ""
@@ -202,29 +193,11 @@ class DiffusionModule(StepCountingModule):
     def _scale_estimation_loader(self) -> DataLoader:
         """Each rank reads different training batches (a distributed sampler), so more ranks see more data."""
         datamodule = self.trainer.datamodule
-        dataset = datamodule.train_dataset
+        dataset = datamodule.latents() if isinstance(datamodule, CachedLatents) else datamodule.train_dataset
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
         return DataLoader(dataset, batch_size=datamodule.batch_size, sampler=sampler,
                           num_workers=getattr(datamodule, "num_workers", 0))
-
-    def _use_latent_cache(self) -> None:
-        datamodule = self.trainer.datamodule
-        cache_dir = Path(self.cache_dir or Path(self.trainer.default_root_dir).parent / "latent_cache")
-        dataset, _ = load_or_build_cache(self.first_stage, datamodule, cache_dir, self.device,
-                                         is_global_zero=self.trainer.is_global_zero,
-                                         barrier=self.trainer.strategy.barrier)
-        datamodule.train_dataset = dataset  # read when the fit loop builds its train loader, after this hook
-
-    @torch.no_grad()
-    def _unscaled_latents(self, batch: dict) -> torch.Tensor:
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
-        else:
-            mean, std = self.first_stage.encode_distribution(batch["image"].to(self.device))
-        if self.first_stage.sample_posterior and self.first_stage.regularizer == "kl":
-            return mean + std * torch.randn_like(mean)
-        return mean
 
     @torch.no_grad()
     def _report_first_stage(self) -> None:
@@ -305,7 +278,7 @@ class DiffusionModule(StepCountingModule):
             prompts = [pool[i % len(pool)] for i in range(self.num_log_images)]
         images, spec = self.generate(self.num_log_images, labels=labels, prompts=prompts, generator=generator)
         nrow = min(self.num_classes or 8, 8) if self.num_classes else 8
-        caption = f"EMA, {spec.name} {spec.steps} steps, guidance {self.sampler_settings['guidance_scale']}"
+        caption = f"EMA, {spec.name} {spec.steps} steps, guidance {self.sampling.guidance_scale}"
         log_image_grid(self.trainer, "val/samples", images, nrow=nrow, step=self.batch_step, caption=caption)
         if prompts:
             log_prompt_table(self.trainer, "val/prompts", images, prompts, step=self.batch_step)
@@ -329,16 +302,16 @@ class DiffusionModule(StepCountingModule):
         """n images in [-1, 1] (float32) and the sampler's spec. Class labels default to random classes; a
         text-conditioned model needs ``prompts`` (n of them); ``negative_prompt`` replaces the empty caption of
         guidance's unconditional branch."""
-        settings = self.sampler_settings
+        settings = self.sampling
         networks = self.ema.model if use_ema else self.trained_networks()
         conditioner, net = networks["conditioner"], networks["unet"]
         inputs, negative = self._condition_inputs(conditioner, n, labels, prompts, negative_prompt, generator)
         cond, uncond = conditioner.guidance_inputs(inputs, self.device, negative) if inputs else ({}, {})
-        scale = settings["guidance_scale"] if guidance_scale is None else guidance_scale
+        scale = settings.guidance_scale if guidance_scale is None else guidance_scale
         denoise = make_denoiser(guided_model_fn(net, cond, uncond, scale), self.schedule, self.prediction)
         shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
-        z, spec = sample(sampler or settings["name"], denoise, self.schedule, shape,
-                         steps=steps or settings["steps"], eta=settings["eta"] if eta is None else eta,
+        z, spec = sample(sampler or settings.sampler, denoise, self.schedule, shape,
+                         steps=steps or settings.steps, eta=settings.eta if eta is None else eta,
                          generator=generator, device=self.device, x_T=x_T, progress=progress)
         return self.decode_latents(z), spec
 

@@ -1,5 +1,7 @@
 """Cached latents (as EDM2 and fast-DiT do): encode the training set once, then train from the cache so the
-encoder costs nothing per step.
+encoder costs nothing per step. Captions are cached alike, in a file of their own keyed by what encodes them:
+token ids keyed by the tokenizer (trained when training starts), or a frozen text encoder's outputs keyed by its
+files, so a new tokenizer or encoder never reads stale encodings and the latents are reused across them.
 
 The cache stores the posterior mean and std of every training image (and of its mirror image when the data
 flips), so the KL posterior can still be sampled afresh each step. Its file name is a hash of the first stage
@@ -14,12 +16,15 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lightning_ldm.atomic import atomic_path
-from lightning_ldm.data.base import ImageDataLoader, has_captions
+from lightning_ldm.data.base import ImageDataLoader, has_captions, pick_caption
+from lightning_ldm.data.transforms import mirror_caption
+from lightning_ldm.errors import DataError
 
 CACHE_VERSION = 1
 
@@ -50,14 +55,17 @@ def first_stage_identity(first_stage) -> dict:
 
 
 class LatentDataset(Dataset):
-    """Cached (mean, std, label) per image; with flips, a random one of the two stored orientations. Captions are
-    not cached: they come from the image view's source by index (text, no decoding), drawn as the view draws
-    them, and mirrored with the mirrored latent; the tokenizer runs on them per batch."""
+    """Cached (mean, std, label) per image; with flips, a random one of the two stored orientations. Captions
+    are drawn as the image view draws them (one of an item's captions at random, mirrored with the mirrored
+    latent): from ``captions`` when they were encoded into the cache (``encode_captions``: token ids or a frozen
+    encoder's outputs, keyed by what encoded them), else as text from the view's source by index."""
 
-    def __init__(self, cache: dict, captions_from: Optional[Dataset] = None) -> None:
+    def __init__(self, cache: dict, captions_from: Optional[Dataset] = None,
+                 captions: Optional[dict] = None) -> None:
         self.mean, self.std, self.labels = cache["mean"], cache["std"], cache["labels"]
         self.view = captions_from if captions_from is not None and has_captions(
             getattr(captions_from, "source", None)) else None
+        self.captions = captions
         self.flipped = "mean_flipped" in cache
         if self.flipped:
             self.mean_flipped, self.std_flipped = cache["mean_flipped"], cache["std_flipped"]
@@ -72,7 +80,10 @@ class LatentDataset(Dataset):
         else:
             mean, std = self.mean[index], self.std[index]
         item = {"latent_mean": mean.float(), "latent_std": std.float(), "label": self.labels[index]}
-        if self.view is not None:
+        if self.captions is not None:
+            row = pick_caption(self.captions["mirrored" if mirrored else "plain"][index], draw=True)
+            item["caption"] = {key: rows[row] for key, rows in self.captions["rows"].items()}
+        elif self.view is not None:
             item["caption"] = self.view.caption(self.view.indices[index], mirrored)
         return item
 
@@ -101,22 +112,128 @@ def encode_dataset(first_stage, dataset: Dataset, *, flip: bool, batch_size: int
     return {key: torch.cat(value) for key, value in parts.items() if value}
 
 
-def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.device, *,
-                        is_global_zero: bool, barrier) -> tuple[LatentDataset, Path]:
-    """Rank 0 builds the cache if it is missing (atomically); every rank then loads the same file."""
-    data_identity = datamodule.identity()
-    key = cache_key(first_stage_identity(first_stage), data_identity)
-    path = Path(cache_dir) / f"latents-{key}.pt"
+@torch.no_grad()
+def encode_captions(embedder, view, device: torch.device, batch_size: int = 256) -> dict:
+    """Every caption of every item of ``view`` (and its mirror when the view flips), encoded once by
+    ``embedder.encode_for_cache``: ``rows`` holds one encoding per distinct text, ``plain[i]`` / ``mirrored[i]``
+    the rows of item i's captions."""
+    texts: dict[str, int] = {}
+
+    def rows_of(captions) -> list[int]:
+        return [texts.setdefault(text, len(texts)) for text in captions]
+
+    plain, mirrored = [], []
+    for index in tqdm(view.indices, desc="Latent cache: gathering the training captions", leave=False):
+        captions = view.source.captions(index)
+        plain.append(rows_of(captions))
+        if view.flip:
+            mirrored.append(rows_of(mirror_caption(text) for text in captions))
+    strings = list(texts)
+    parts = [embedder.encode_for_cache(strings[start:start + batch_size], device)
+             for start in tqdm(range(0, len(strings), batch_size), desc="Latent cache: encoding the captions",
+                               leave=False)]
+    return {"rows": {key: torch.cat([part[key] for part in parts]) for key in parts[0]}, "plain": plain,
+            "mirrored": mirrored}
+
+
+def cached_caption_embedder(conditioner) -> Optional[Any]:
+    """The embedder whose caption encodings the cache holds: the one embedder reading captions, if it caches."""
+    readers = [e for e in conditioner.embedders.values() if e.input_key == "caption"]
+    return readers[0] if len(readers) == 1 and readers[0].cache_identity() is not None else None
+
+
+def _load_or_build(path: Path, build, what: str, *, is_global_zero: bool, barrier, mmap: bool = False) -> Any:
+    """Rank 0 builds the file if it is missing (atomically); every rank then loads the same file."""
     if is_global_zero and not path.is_file():
-        print(f"Latent cache: encoding {len(datamodule.train_dataset)} training images -> {path}")
-        # The data's own loader workers decode the images: in the main process, decoding a large dataset would take
-        # hours, and the main process's many intra-op threads fight every other process on the node for the CPUs.
-        cache = encode_dataset(first_stage, datamodule.train_dataset, flip=bool(getattr(datamodule, "flip", False)),
-                               batch_size=max(64, datamodule.batch_size), device=device,
-                               num_workers=getattr(datamodule, "num_workers", 0))
+        print(f"Latent cache: encoding {what} -> {path}")
         with atomic_path(path) as tmp:
-            torch.save(cache, tmp)
+            torch.save(build(), tmp)
     elif is_global_zero:
         print(f"Latent cache: reusing {path}")
     barrier()
-    return LatentDataset(torch.load(path, map_location="cpu", weights_only=True), datamodule.train_dataset), path
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.device, *,
+                        is_global_zero: bool, barrier, caption_embedder=None) -> tuple[LatentDataset, Path]:
+    """The training split's latents (and, with ``caption_embedder``, its captions encoded) from ``cache_dir``,
+    built first where missing."""
+    view, data_identity = datamodule.train_dataset, datamodule.identity()
+    path = Path(cache_dir) / f"latents-{cache_key(first_stage_identity(first_stage), data_identity)}.pt"
+    # The data's own loader workers decode the images: in the main process, decoding a large dataset would take
+    # hours, and the main process's many intra-op threads fight every other process on the node for the CPUs.
+    cache = _load_or_build(path, lambda: encode_dataset(
+        first_stage, view, flip=bool(getattr(datamodule, "flip", False)), batch_size=max(64, datamodule.batch_size),
+        device=device, num_workers=getattr(datamodule, "num_workers", 0)), f"{len(view)} training images",
+        is_global_zero=is_global_zero, barrier=barrier)
+    captions = None
+    if caption_embedder is not None and has_captions(view.source):
+        key = cache_key({"captions": caption_embedder.cache_identity()}, data_identity)
+        # Memory-mapped: a frozen encoder's outputs (77 x 768 halves per caption) can outgrow the host's memory.
+        captions = _load_or_build(Path(cache_dir) / f"captions-{key}.pt",
+                                  lambda: encode_captions(caption_embedder, view, device), "the training captions",
+                                  is_global_zero=is_global_zero, barrier=barrier, mmap=True)
+    return LatentDataset(cache, view, captions), path
+
+
+class CachedLatents(L.LightningDataModule):
+    """The data side of latent caching: an image data module whose training loader serves the cached latents of
+    its training split instead of its images. Everything else (the validation split, the training images that FID
+    compares with, captions, identity) is the image data's own.
+
+    The cache is built (or found) the first time ``latents()`` is asked for, with the first stage of the module
+    being trained: after Lightning restored a resumed checkpoint, so a resumed run caches the weights it trains
+    with, not whatever export now sits at the configured path. ``cache_dir`` None: ``latent_cache`` beside the
+    run directory, shared by the runs of one output root."""
+
+    def __init__(self, images: L.LightningDataModule, cache_dir: Optional[str] = None) -> None:
+        super().__init__()
+        self.images = images
+        self.cache_dir = cache_dir
+        self.path: Optional[Path] = None
+        self._latents: Optional[LatentDataset] = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what this wrapper lacks: the image data's attributes (image_size, identity, captions...).
+        images = self.__dict__.get("images")
+        if images is None:
+            raise AttributeError(name)
+        return getattr(images, name)
+
+    def prepare_data(self) -> None:
+        self.images.prepare_data()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.images.trainer = self.trainer
+        self.images.setup(stage)
+
+    def latents(self) -> LatentDataset:
+        if self._latents is None:
+            trainer = self.trainer
+            cache_dir = Path(self.cache_dir or Path(trainer.default_root_dir).parent / "latent_cache")
+            module = trainer.lightning_module
+            conditioner = getattr(module, "conditioner", None)
+            self._latents, self.path = load_or_build_cache(
+                module.first_stage, self.images, cache_dir, module.device, is_global_zero=trainer.is_global_zero,
+                barrier=trainer.strategy.barrier,
+                caption_embedder=cached_caption_embedder(conditioner) if conditioner is not None else None)
+        return self._latents
+
+    def train_dataloader(self) -> DataLoader:
+        latents = self.latents()
+        if len(latents) < self.images.batch_size:
+            raise DataError(f"data.batch_size={self.images.batch_size} is larger than the {len(latents)} cached "
+                            f"training latents of {self.images.name}; lower data.batch_size or add images")
+        return self.images.loader(latents, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.images.val_dataloader()
+
+    def state_dict(self) -> dict:
+        return self.images.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.images.load_state_dict(state_dict)
+
+    def teardown(self, stage: str) -> None:
+        self.images.teardown(stage)

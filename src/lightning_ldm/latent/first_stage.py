@@ -11,13 +11,14 @@ buffer, hence stored in checkpoints and never recomputed on resume (NaN until es
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterable, Literal, Optional
 
 import torch
 from torch import nn
 
 from lightning_ldm.autoencoder.export import load_autoencoder_export, read_export_metadata
 from lightning_ldm.errors import CheckpointError, ConfigError
+from lightning_ldm.latent.scale import estimate_scale_factor, ranks_agree
 from lightning_ldm.strict_loading import load_state_strictly
 
 
@@ -74,6 +75,30 @@ class FrozenFirstStage(nn.Module):
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             z = mean + std * noise
         return z * self.scale_factor.to(z.dtype)
+
+    @torch.no_grad()
+    def unscaled_sample(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """Unscaled latents of a batch of images or of cached latents (``latent_mean``, ``latent_std``), drawn from
+        the posterior as training draws them."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        else:
+            mean, std = self.encode_distribution(batch["image"].to(device))
+        if self.sample_posterior and self.regularizer == "kl":
+            return mean + std * torch.randn_like(mean)
+        return mean
+
+    def fit_scale(self, batches: Iterable[dict], num_batches: int, device: torch.device) -> float:
+        """The scale of Sec. 4.3.2, 1 / std of the latents of ``num_batches`` batches per rank (a scale already
+        set, configured or restored from a checkpoint, is kept); every rank must end with the same value."""
+        if not self.scale_is_set:
+            self.scale_factor.fill_(estimate_scale_factor(batches, lambda batch: self.unscaled_sample(batch, device),
+                                                          num_batches, device))
+        scale = float(self.scale_factor)
+        low, high = ranks_agree(scale, device)
+        if low != high:  # a rank on another scale trains on differently scaled latents: the LD DDP bug
+            raise RuntimeError(f"scale_factor differs across ranks: {low} .. {high}")
+        return scale
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from lightning_ldm.metrics.features import FeatureExtractor
 
 @dataclass
 class SamplingSettings:
-    """None means the module's own setting (``module.sampler_settings``: what its image grids use)."""
+    """None means the module's own setting (``module.sampling``: what its image grids use)."""
 
     sampler: Optional[str] = None
     steps: Optional[int] = None
@@ -32,10 +32,10 @@ class SamplingSettings:
     prompts: Optional[list[str]] = None
 
     def resolve(self, module) -> "SamplingSettings":
-        own = getattr(module, "sampler_settings", {})
-        pick = lambda mine, key: own.get(key) if mine is None else mine  # noqa: E731
+        own = module.sampling
+        pick = lambda mine, key: getattr(own, key) if mine is None else mine  # noqa: E731
         prompts = self.prompts or getattr(module, "evaluation_prompts", None)
-        return SamplingSettings(pick(self.sampler, "name"), pick(self.steps, "steps"), pick(self.eta, "eta"),
+        return SamplingSettings(pick(self.sampler, "sampler"), pick(self.steps, "steps"), pick(self.eta, "eta"),
                                 pick(self.guidance_scale, "guidance_scale"), self.use_ema, self.classes, prompts)
 
     def as_dict(self) -> dict[str, Any]:

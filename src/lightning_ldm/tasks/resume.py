@@ -19,12 +19,13 @@ from lightning_ldm.errors import CheckpointError, ConfigError
 
 # Keys that do not describe the training run (where it is written, the other stages' options).
 IGNORED = ("paths.*", "run_name", "resume", "sample.*", "evaluate.*", "benchmark.*")
-# Keys a resumed run may change; they take effect from the batch it resumes at.
+# Keys a resumed run may change; they take effect from the batch it resumes at. module.sampler* and
+# module.guidance_scale are the sampling keys of runs recorded before module.sampling was one node.
 CHANGEABLE = ("max_steps", "max_train_seconds", "module.max_steps", "module.max_train_seconds", "module.lr",
               "module.grad_clip_norm", "module.image_log_every", "module.num_log_images", "module.compile",
-              "module.cuda_graphs", "module.sampler", "module.sampler_steps", "module.sampler_eta",
-              "module.guidance_scale", "logger", "logger.*", "callbacks", "callbacks.*", "trainer.*", "tags",
-              "experiment_name", "float32_matmul_precision", "data.num_workers", "data.pin_memory",
+              "module.cuda_graphs", "module.sampling.*", "module.sampler", "module.sampler_steps",
+              "module.sampler_eta", "module.guidance_scale", "logger", "logger.*", "callbacks", "callbacks.*",
+              "trainer.*", "tags", "experiment_name", "float32_matmul_precision", "data.num_workers", "data.pin_memory",
               "data.persistent_workers", "data.prefetch_factor")
 
 

@@ -6,7 +6,8 @@ per visited timestep (``steps`` network calls in total) and return x0_hat at the
 comes from ``generator`` (drawn on its device, then moved), or torch's global RNG when it is None.
 """
 
-from typing import Literal, Optional, Sequence, Union
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -30,6 +31,33 @@ from lightning_ldm.errors import ConfigError
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """A model's own sampling settings (``module.sampling``): what its training grids use, and the default of FID,
+    ``stage=evaluate`` and ``stage=sample`` when they leave a setting unset."""
+
+    sampler: SamplerName = "dpmpp_2m"
+    steps: int = 20
+    eta: Optional[float] = None  # None: the sampler's own (ddim 0, ddpm 1)
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 is none
+
+    @classmethod
+    def from_config(cls, node: Optional[Mapping[str, Any]], key: str = "module.sampling") -> "SamplerSettings":
+        node = dict(node or {})
+        unknown = sorted(set(node) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"{key} has no {', '.join(unknown)}; it takes sampler, steps, eta and guidance_scale")
+        settings = cls(**node)
+        if settings.sampler not in SAMPLERS:
+            raise ConfigError(f"{key}.sampler={settings.sampler!r} is unknown; use one of {', '.join(SAMPLERS)}")
+        if int(settings.steps) < 1:
+            raise ConfigError(f"{key}.steps must be at least 1, got {settings.steps}")
+        return settings
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def sample(
@@ -64,6 +92,7 @@ __all__ = [
     "Denoiser",
     "ModelFn",
     "SamplerName",
+    "SamplerSettings",
     "SamplerSpec",
     "Spacing",
     "invert_ddim",
