@@ -18,7 +18,7 @@ quickstart: install
 # Text to image on captioned digit scenes, on a CPU (about 15 minutes on 2 cores): stage 1, stage 2, then samples
 # of prompts with seen and held-out (digit, colour) pairs.
 quickstart-text: install
-	$(PYTHON) -m lightning_ldm experiment=txt2img-digits-autoencoder trainer=cpu max_train_seconds=180 run_name=quickstart-text
+	$(PYTHON) -m lightning_ldm experiment=txt2img-digits-cpu-autoencoder run_name=quickstart-text
 	$(PYTHON) -m lightning_ldm experiment=txt2img-digits-cpu run_name=quickstart-text
 	$(PYTHON) -m lightning_ldm stage=sample run_name=quickstart-text sample.guidance_scale=3 sample.num_samples=16 \
 	  sample.prompts='["a red 3","a blue 7","a large green 1 left of a small yellow 4","a small white 0 above a large red 9"]'

@@ -19,7 +19,7 @@ from lightning_ldm.data import (
     original_error,
     split_indices,
 )
-from lightning_ldm.errors import DataError
+from lightning_ldm.errors import ConfigError, DataError
 
 
 def items(view):
@@ -423,3 +423,30 @@ def test_uncaptioned_folders_have_no_captions_and_partial_or_broken_captions_sto
     (root / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
     with pytest.raises(DataError, match=r'line 1 needs "file_name" and "text"'):
         ImageFolderDataModule(root=str(root), image_size=8, num_workers=0).setup()
+
+
+def test_caption_templates_name_each_images_class_and_refuse_what_they_cannot_name(tmp_path):
+    root = tmp_path / "classes"
+    for name, seed in (("fire_truck/a.png", 0), ("fire_truck/b.png", 1), ("cat/c.png", 2)):
+        _save(root / name, _random("RGB", (8, 8), seed))
+    templates = ["a photo of a {}", "a {}, small"]
+    dm = ImageFolderDataModule(root=str(root), image_size=8, val_fraction=0.0, flip=False, num_workers=0,
+                               caption_templates=templates)
+    dm.setup()
+    source = dm.train_dataset.source
+    by_class = {dm.classes[source.labels[i]]: source.captions(i) for i in range(3)}
+    assert by_class == {"cat": ["a photo of a cat", "a cat, small"],
+                        "fire_truck": ["a photo of a fire truck", "a fire truck, small"]}
+    plain = ImageFolderDataModule(root=str(root), image_size=8, val_fraction=0.0, flip=False, num_workers=0)
+    assert dm.captioned and not plain.captioned
+    assert dm.identity()["captions_sha1"] != plain.identity()["captions_sha1"]  # caches never mix the two
+
+    with pytest.raises(ConfigError, match=r"strings with \{\} where the class name goes"):
+        ImageFolderDataModule(root=str(root), caption_templates=["a photo"])
+    for name in ("fire_truck/a", "fire_truck/b", "cat/c"):
+        (root / f"{name}.txt").write_text("a caption of its own\n")
+    with pytest.raises(DataError, match="has captions of its own and data.caption_templates is set"):
+        ImageFolderDataModule(root=str(root), image_size=8, caption_templates=templates).setup()
+    flat = _captioned(tmp_path / "flat")
+    with pytest.raises(DataError, match="needs class folders to name"):
+        ImageFolderDataModule(root=str(flat), image_size=8, caption_templates=templates).setup()

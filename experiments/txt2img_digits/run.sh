@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # Text-to-image end to end on captioned digit scenes, one device, then prompt accuracy of the samples:
-#   ae      stage 1, experiment=txt2img-digits-autoencoder (KL f4) for AE_SECONDS of training time
-#   ldm     stage 2, experiment=txt2img-digits (UNet with cross-attention + a text transformer trained with it,
-#           its tokenizer learned from the captions) on that export for TRAIN_SECONDS of training time
+#   ae      stage 1, experiment=txt2img-digits-autoencoder (KL f4 at 64x64; -cpu-autoencoder: f2 at 32x32) for
+#           AE_SECONDS of training time
+#   ldm     stage 2, experiment=txt2img-digits (-cpu on the CPU: UNet with cross-attention + a text transformer
+#           trained with it, its tokenizer learned from the captions) on that export for TRAIN_SECONDS
 #   sample  COUNT seen and COUNT held-out prompts (evaluation_prompts of the data), REPEATS seeds each, CFG GUIDANCE
 #   score   experiments/txt2img_digits/score.py: prompt accuracy per seed block, shuffled prompts, real scenes, FD
 # Usage (repo root; the caller sets OUT; on the GPU machine carry .whl with tokenizers in it):
 #   bash experiments/txt2img_digits/run.sh                  # every phase
-#   SIZE=32 DEVICE=cpu bash experiments/txt2img_digits/run.sh   # the CPU quickstart (experiment=txt2img-digits-cpu)
-# Environment: OUT (/tmp/out), WORK (outputs/txt2img_digits), SIZE (64), DEVICE (gpu | cpu), AE_SECONDS (120),
-# TRAIN_SECONDS (240), LDM_EXPERIMENT (txt2img-digits; txt2img-digits-cpu on the CPU), LDM_ARGS, COUNT (200), REPEATS (3), GUIDANCE (3), SMOKE=1 (tiny sizes, a check of the commands).
+#   DEVICE=cpu AE_SECONDS=180 TRAIN_SECONDS=420 bash experiments/txt2img_digits/run.sh   # the CPU quickstart
+# Environment: OUT (/tmp/out), WORK (outputs/txt2img_digits), DEVICE (gpu | cpu), SIZE (64; 32 on the CPU), AE_SECONDS (120),
+# TRAIN_SECONDS (240), AE_EXPERIMENT, LDM_EXPERIMENT (the -cpu presets on the CPU), LDM_ARGS (extra overrides),
+# COUNT (200), REPEATS (3), GUIDANCE (3), SMOKE=1 (tiny sizes, a check of the commands).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-SIZE=${SIZE:-64} DEVICE=${DEVICE:-gpu} SMOKE=${SMOKE:-0}
+DEVICE=${DEVICE:-gpu} SMOKE=${SMOKE:-0}
+SIZE=${SIZE:-$([ "$DEVICE" = cpu ] && echo 32 || echo 64)}
 AE_SECONDS=${AE_SECONDS:-120} TRAIN_SECONDS=${TRAIN_SECONDS:-240}
 COUNT=${COUNT:-200} REPEATS=${REPEATS:-3} GUIDANCE=${GUIDANCE:-3}
-LDM_EXPERIMENT=${LDM_EXPERIMENT:-$([ "$DEVICE" = cpu ] && echo txt2img-digits-cpu || echo txt2img-digits)}
+suffix=$([ "$DEVICE" = cpu ] && echo -cpu)
+AE_EXPERIMENT=${AE_EXPERIMENT:-txt2img-digits$suffix-autoencoder} LDM_EXPERIMENT=${LDM_EXPERIMENT:-txt2img-digits$suffix}
 WORK=$(realpath -m "${WORK:-outputs/txt2img_digits}")
 EXPORT=$WORK/autoencoder/ae/export/autoencoder.safetensors
 CKPT=$WORK/diffusion/ldm/checkpoints/last.ckpt
@@ -59,7 +63,7 @@ for phase in "${phases[@]}"; do
   case "$phase" in
     ae)
       rm -rf "$WORK/autoencoder/ae"
-      python3 -m lightning_ldm experiment=txt2img-digits-autoencoder "${common[@]}" run_name=ae max_steps=100000000 \
+      python3 -m lightning_ldm "experiment=$AE_EXPERIMENT" "${common[@]}" run_name=ae max_steps=100000000 \
         "max_train_seconds=$AE_SECONDS" "${extra_ae[@]}" ;;
     ldm)
       rm -rf "$WORK/diffusion/ldm"

@@ -24,7 +24,7 @@ import json
 import os
 import posixpath
 import zipfile
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -260,6 +260,7 @@ class ImageFolderDataModule(ImageDataModule):
         on_corrupt: Literal["error", "skip"] = "error",
         verify: bool = True,
         use_labels: bool = True,
+        caption_templates: Optional[Sequence[str]] = None,
     ):
         if channels not in PIL_MODES:
             raise ConfigError(f"data.channels must be 1 (greyscale) or 3 (RGB), got {channels}")
@@ -279,6 +280,10 @@ class ImageFolderDataModule(ImageDataModule):
         self.on_corrupt = on_corrupt
         self.verify = verify
         self.use_labels = use_labels
+        self.caption_templates = list(caption_templates) if caption_templates else None
+        if self.caption_templates and not all(isinstance(t, str) and "{}" in t for t in self.caption_templates):
+            raise ConfigError(f"data.caption_templates must be strings with {{}} where the class name goes, e.g. "
+                              f"'a photo of a {{}}'; got {self.caption_templates}")
         base = os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(self.root))))
         self.name = base[:-4] if base.lower().endswith(".zip") else base
         self._files: Optional[ImageFiles] = None
@@ -348,9 +353,22 @@ class ImageFolderDataModule(ImageDataModule):
         self._newest = max(mtime for _, _, mtime in entries)
         self._classes = classes
         captions = read_captions(store, members)
+        if self.caption_templates:
+            captions = self._captions_from_templates(captions, classes, labels)
         self._captions_sha1 = None if captions is None else hashlib.sha1(json.dumps(captions).encode()).hexdigest()
         self._files = _image_files(store, members, keys, labels, PIL_MODES[self.channels], self.image_size, captions)
         return self._files
+
+    def _captions_from_templates(self, found, classes, labels) -> list[list[str]]:
+        """Every template filled with each image's class name (underscores as spaces): captions for a labelled set
+        without any, such as CIFAR-10 ("a photo of a {}"), so the text path can be checked against class labels."""
+        if found is not None:
+            raise DataError(f"{self.root} has captions of its own and data.caption_templates is set: use one or the "
+                            "other")
+        if classes is None:
+            raise DataError(f"data.caption_templates needs class folders to name, and {self.root} has none")
+        return [[template.format(classes[label].replace("_", " ")) for template in self.caption_templates]
+                for label in labels]
 
     def _load_source(self) -> ImageFiles:
         files = self._scan()
