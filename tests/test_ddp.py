@@ -21,6 +21,18 @@ def ddp_runs(tmp_path_factory):
     return cwd, stage1, stage2
 
 
+def test_text_to_image_trains_on_two_processes_with_identical_encoders_and_tokenizers(tmp_path):
+    run = run_cli("stage=diffusion", "run_name=txt", "data=captioned_digits", "data.num_scenes=64", "data.image_size=32",
+                  "autoencoder=identity", "unet=tiny", "conditioning=text", "module.conditioning.caption.dim=32",
+                  "module.conditioning.caption.depth=1", "module.conditioning.caption.heads=2",
+                  "module.conditioning.caption.dim_head=16", "module.conditioning.caption.length=12",
+                  "module.num_log_images=0", *DDP, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Each rank learns the tokenizer from the same captions and checks it agrees; the encoder's gradients are
+    # all-reduced with the UNet's, so all three are the same on both ranks after training.
+    assert "Weights identical on all 2 ranks after 4 batches: UNet, conditioner, EMA" in run.stdout
+
+
 def test_stage1_trains_on_two_processes_with_the_discriminator(ddp_runs):
     cwd, stage1, _ = ddp_runs
     assert "global batch 8 x 2 device(s)" in stage1.stdout

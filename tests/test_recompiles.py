@@ -48,11 +48,20 @@ def compiled_once(monkeypatch, with_callback):
     torch._dynamo.reset()
 
 
-def test_stage2_compiles_the_unet_once(compose, tmp_path, compiled_once):
+TEXT = ["data=captioned_digits", "data.num_scenes=64", "data.image_size=32", "conditioning=text",
+        "module.conditioning.caption.dim=32", "module.conditioning.caption.depth=1",
+        "module.conditioning.caption.heads=2", "module.conditioning.caption.dim_head=16",
+        "module.conditioning.caption.length=12", "module.conditioning.caption.drop_rate=0.5"]
+
+
+# Text: the caption embedding has a fixed length whatever the caption, and dropped captions are swapped on the
+# device, so the cross-attention UNet sees one shape and one graph.
+@pytest.mark.parametrize("conditioning", [["conditioning=class", "module.conditioning.class.num_classes=10"], TEXT],
+                         ids=["class", "text"])
+def test_stage2_compiles_the_unet_once(compose, tmp_path, compiled_once, conditioning):
     counter, frames, _ = compiled_once
     cfg = compose(*QUIET, "stage=diffusion", "autoencoder=identity", "unet=tiny", "max_steps=8",
-                  "module.warmup_steps=5", "module.num_log_images=0", "conditioning=class",
-                  "module.conditioning.class.num_classes=10", f"paths.run_dir={tmp_path / 'run'}")
+                  "module.warmup_steps=5", "module.num_log_images=0", *conditioning, f"paths.run_dir={tmp_path / 'run'}")
     train_task.fit(cfg)
     assert frames["warm"] >= 1 and counter.frame_count == frames["warm"]
 

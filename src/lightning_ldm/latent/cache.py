@@ -94,6 +94,10 @@ def encode_dataset(first_stage, dataset: Dataset, *, flip: bool, batch_size: int
     unflipped = copy.copy(dataset)
     if hasattr(unflipped, "flip"):
         unflipped.flip = False  # the mirror images are encoded explicitly below
+    if hasattr(unflipped, "draw_captions"):
+        # A drawn caption would take a number from the global RNG in this process: a run that builds the cache
+        # must train on the same noise as one that finds it built.
+        unflipped.draw_captions = False
     # Its own generator: whether the cache had to be built must not change the training noise that follows.
     # ImageDataLoader: a corrupt image met in a worker is reported as the data's one-line error, as in training.
     loader = ImageDataLoader(unflipped, batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -108,6 +108,7 @@ class StepCountingModule(L.LightningModule):
             print(f"Training already reached max_steps={self.max_steps}; nothing to do.")
             self.reached_end = True
             self.trainer.should_stop = True
+        self._restore_rng_states()
 
     def on_train_end(self) -> None:
         self.stop_if_nonfinite(everything=True)  # a run that ended otherwise than at max_steps (signal, epochs)
@@ -157,10 +158,13 @@ class StepCountingModule(L.LightningModule):
         # Callbacks' on_train_batch_end (a step-triggered ModelCheckpoint, FID) runs before ours: a checkpoint
         # written there holds this batch's update, so it must count this batch (see on_save_checkpoint).
         self._batch_finished_uncounted = True
+        self._restore_rng_states()  # a callback's own on_train_start may have run after ours
+
+    def _restore_rng_states(self) -> None:
+        # After a resume: once Lightning has run its sanity check and set up (both draw random numbers), and before
+        # the first batch is fetched, which draws too where a dataset draws in this process (a flip, one of an
+        # image's captions): the resumed batches then get the data and the noise of the uninterrupted run.
         if self._rng_states_to_restore is not None:
-            # Restored at the first batch after a resume, once Lightning has built the train iterator, run its
-            # sanity check and fetched this batch (all of which draw random numbers), so that this batch sees
-            # the same noise as in the uninterrupted run.
             set_rng_states(self._rng_states_to_restore)
             self._rng_states_to_restore = None
 
