@@ -106,7 +106,7 @@ def forbid_estimation(monkeypatch):
 def test_scale_factor_is_estimated_once_stored_and_not_recomputed_on_resume(tmp_path, monkeypatch):
     import lightning as L
 
-    import lightning_ldm.diffusion.module as module_file
+    import lightning_ldm.latent.first_stage as module_file
 
     data = few_digits()
     export = make_export(tmp_path / "export/autoencoder.safetensors", data)
