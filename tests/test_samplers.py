@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lightning_ldm.diffusion import NoiseSchedule, guided_model_fn, make_denoiser, sample, target_for
-from lightning_ldm.diffusion.samplers import invert_ddim, sample_ddim, sample_ddpm, sample_dpmpp_2m, timesteps
+from lightning_ldm.diffusion.samplers import (FromImage, invert_ddim, sample_ddim, sample_ddpm, sample_dpmpp_2m,
+                                          timesteps)
 from lightning_ldm.errors import ConfigError
 
 MU, S = 1.5, 0.5
@@ -346,3 +347,61 @@ def test_cfg_with_tensor_conditions_and_any_parameterisation():
     guided_v = make_denoiser(guided_model_fn(v_net, cond, uncond, 3.0), SCHED, "v")(x, t)
     for a, b in zip(guided_eps, guided_v):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ starting from an image
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m"])
+def test_image_to_image_at_strength_0_returns_the_input_and_at_1_ignores_it(name):
+    x0 = torch.randn(4, 3, generator=_gen(7), dtype=F64)
+    calls = []
+
+    def counting(x, t):
+        calls.append(int(t[0]))
+        return gaussian_denoiser(MU, S)(x, t)
+
+    out, spec = sample(name, counting, SCHED, (4, 3), steps=10, image=FromImage(x0, strength=0.0), dtype=F64,
+                       generator=_gen(0))
+    assert torch.equal(out, x0) and calls == [] and spec.timesteps == () and spec.strength == 0.0
+    without = sample(name, counting, SCHED, (4, 3), steps=10, generator=_gen(1), dtype=F64)[0]
+    for other in (x0, -3 * x0):
+        with_image = sample(name, counting, SCHED, (4, 3), steps=10, generator=_gen(1), dtype=F64,
+                            image=FromImage(other, strength=1.0))[0]
+        assert torch.equal(with_image, without)
+    with pytest.raises(ConfigError, match=r"strength must be in \[0, 1\]"):
+        FromImage(x0, strength=1.5)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m"])
+def test_sdedit_runs_the_last_timesteps_from_the_input_noised_by_x_T(name):
+    x0, x_T = torch.randn(3, 5, generator=_gen(2), dtype=F64), torch.randn(3, 5, generator=_gen(3), dtype=F64)
+    first = []
+    out, spec = sample(name, gaussian_denoiser(MU, 0.0), SCHED, (3, 5), steps=10, x_T=x_T, dtype=F64,
+                       generator=_gen(0), image=FromImage(x0, strength=0.3),
+                       callback=lambda i, t, x, x0_hat: first.append(x.clone()) if i == 0 else None)
+    assert spec.timesteps == tuple(reversed(timesteps(1000, 10, "trailing")))[-3:] and spec.strength == 0.3
+    a = AB[spec.timesteps[0]]
+    torch.testing.assert_close(first[0], math.sqrt(a) * x0 + math.sqrt(1 - a) * x_T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, torch.full_like(out, MU))  # single-point data: every path ends on it
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m"])
+def test_inpainting_by_replacement_keeps_the_known_region_and_noises_it_to_each_level(name):
+    n, d, known = 256, 8, 3
+    x0 = torch.randn(n, d, generator=_gen(4), dtype=F64)
+    keep = (torch.arange(d) < known).to(F64)
+    standardized = []
+
+    def record(i, t, x, x0_hat):  # the known region of x_t, standardised: N(0, 1) if it is x0 noised to t
+        a = AB[t]
+        standardized.append((x[:, :known] - math.sqrt(a) * x0[:, :known]) / math.sqrt(1 - a))
+
+    out, _ = sample(name, gaussian_denoiser(MU, 0.0), SCHED, (n, d), steps=10, dtype=F64, generator=_gen(5),
+                    image=FromImage(x0, keep=keep), callback=record)
+    assert torch.equal(out[:, :known], x0[:, :known])
+    torch.testing.assert_close(out[:, known:], torch.full_like(out[:, known:], MU))  # the rest: the data point
+    z = torch.stack(standardized)
+    assert len(standardized) == 10 and abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1) < 0.05

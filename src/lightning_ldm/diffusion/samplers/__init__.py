@@ -16,6 +16,7 @@ from lightning_ldm.diffusion.samplers.common import (
     SPACINGS,
     Callback,
     Denoiser,
+    FromImage,
     ModelFn,
     SamplerSpec,
     Spacing,
@@ -75,13 +76,15 @@ def sample(
     x_T: Optional[Tensor] = None,
     progress: bool = False,
     callback: Optional[Callback] = None,
+    image: Optional[FromImage] = None,
 ) -> tuple[Tensor, SamplerSpec]:
-    """Dispatch to ``sample_<name>``; eta=None means the sampler's own value (ddim 0, ddpm 1, dpmpp_2m 0)."""
+    """Dispatch to ``sample_<name>``; eta=None means the sampler's own value (ddim 0, ddpm 1, dpmpp_2m 0).
+    ``image``: start from an input (SDEdit) and/or keep a known region of it (``FromImage``)."""
     if name not in SAMPLERS:
         raise ConfigError(f"sampler name={name!r} is unknown; use one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name](
         denoise_fn, schedule, shape, steps=steps, eta=eta, spacing=spacing, generator=generator,
-        device=device, dtype=dtype, x_T=x_T, progress=progress, callback=callback,
+        device=device, dtype=dtype, x_T=x_T, progress=progress, callback=callback, image=image,
     )
 
 
@@ -90,6 +93,7 @@ __all__ = [
     "SPACINGS",
     "Callback",
     "Denoiser",
+    "FromImage",
     "ModelFn",
     "SamplerName",
     "SamplerSettings",

@@ -6,6 +6,7 @@ float64 from the schedule (every sample of a batch shares t), so the state tenso
 and device and nothing is tied to CUDA.
 """
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
@@ -62,6 +63,29 @@ def timesteps(num_timesteps: int, steps: int, spacing: Spacing) -> list[int]:
 
 
 @dataclass(frozen=True)
+class FromImage:
+    """What an input image fixes in a sampler call, in the sampler's space (latents for an LDM).
+
+    - ``strength`` < 1 is SDEdit (Meng et al. 2022): only the last ``round(strength * steps)`` of the visited
+      timesteps run, from ``x0`` noised to the first of them, q(x_t | x0) = N(sqrt(a) x0, (1 - a) I), with x_T
+      as that noise (so a seed means the same noise as without an image). 0 returns ``x0``; 1 starts from x_T
+      alone and ignores ``x0``, as a sample without an image does.
+    - ``keep`` (1 where ``x0`` is known, broadcastable to x) is inpainting by replacement, as LD's DDIM sampler's
+      ``mask``/``x0``: before every denoiser call the known region of x_t is replaced by x0 noised to t, and the
+      known region of the result is x0 exactly.
+    """
+
+    x0: Tensor
+    strength: float = 1.0
+    keep: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.strength) <= 1.0:
+            raise ConfigError(f"image-to-image strength must be in [0, 1] (0 keeps the input, 1 ignores it), "
+                              f"got {self.strength}")
+
+
+@dataclass(frozen=True)
 class SamplerSpec:
     """What a sampler ran, for logging next to every result (the paper mixes eta = 0 and 1).
 
@@ -74,18 +98,23 @@ class SamplerSpec:
     spacing: str
     num_timesteps: int
     timesteps: tuple[int, ...]
+    strength: float = 1.0  # < 1: SDEdit from an input image, on the last timesteps only
 
     def as_dict(self) -> dict[str, Any]:
         """Flat, loggable view: lists instead of tuples, plus the first and last timestep."""
         d = asdict(self)
         d["timesteps"] = list(self.timesteps)
-        d["t_max"], d["t_min"] = self.timesteps[0], self.timesteps[-1]
+        d["t_max"], d["t_min"] = (self.timesteps[0], self.timesteps[-1]) if self.timesteps else (None, None)
         return d
 
 
-def make_spec(name: str, num_timesteps: int, steps: int, eta: float, spacing: Spacing) -> SamplerSpec:
-    ts = timesteps(num_timesteps, steps, spacing)
-    return SamplerSpec(name, steps, float(eta), spacing, num_timesteps, tuple(reversed(ts)))
+def make_spec(name: str, num_timesteps: int, steps: int, eta: float, spacing: Spacing,
+              image: Optional[FromImage] = None) -> SamplerSpec:
+    ts = tuple(reversed(timesteps(num_timesteps, steps, spacing)))
+    strength = 1.0 if image is None else float(image.strength)
+    if strength < 1.0:
+        ts = ts[len(ts) - round(strength * steps):]  # the least noisy ones: SDEdit re-runs the end of the chain
+    return SamplerSpec(name, steps, float(eta), spacing, num_timesteps, ts, strength)
 
 
 def randn(
@@ -114,9 +143,13 @@ class Run:
         x_T: Optional[Tensor],
         progress: bool,
         callback: Optional[Callback],
+        image: Optional[FromImage] = None,
     ) -> None:
         if x_T is not None and tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        if image is not None and tuple(image.x0.shape) != tuple(shape):
+            raise ValueError(f"the input image has shape {tuple(image.x0.shape)} in the sampler's space, "
+                             f"expected {tuple(shape)}")
         if device is None:
             device = x_T.device if x_T is not None else schedule.alphas_cumprod.device
         self.spec, self.denoise_fn, self.generator, self.callback = spec, denoise_fn, generator, callback
@@ -124,9 +157,28 @@ class Run:
         # alpha_bar at every level, as float64 Python floats (one host copy per call, not per step).
         self.alpha_bar: list[float] = schedule.alphas_cumprod.tolist()
         self.x_T = x_T.to(self.device, dtype) if x_T is not None else self.noise()
+        self.image_x0 = self.keep = None
+        if image is not None:
+            self.image_x0 = image.x0.to(self.device, dtype)
+            self.keep = None if image.keep is None else image.keep.to(self.device, dtype)
+            if spec.strength < 1.0 and spec.timesteps:  # SDEdit: x0 noised to the first visited level, by x_T
+                self.x_T = self.noised(self.image_x0, spec.timesteps[0], self.x_T)
 
     def noise(self) -> Tensor:
         return randn(self.shape, self.generator, self.device, self.dtype)
+
+    def noised(self, x0: Tensor, t: int, noise: Tensor) -> Tensor:
+        """A draw of q(x_t | x0) (Ho et al. Eq. 4) with the given standard normal ``noise``."""
+        a = self.alpha_bar[t]
+        return math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
+
+    def start(self) -> Optional[Tensor]:
+        """The result when no step is left to run (SDEdit at strength 0): the input itself."""
+        return self.image_x0 if not self.spec.timesteps else None
+
+    def finish(self, x0: Tensor) -> Tensor:
+        """The sample: x0_hat, with the known region (inpainting by replacement) put back exactly."""
+        return x0 if self.keep is None else self.keep * self.image_x0 + (1 - self.keep) * x0
 
     def steps(self) -> Iterator[tuple[int, int, Optional[int]]]:
         """(i, t, t_next) from the noisiest level down; t_next is None at the last (smallest) timestep."""
@@ -135,13 +187,16 @@ class Run:
         for i in it:
             yield i, ts[i], (ts[i + 1] if i + 1 < len(ts) else None)
 
-    def denoise(self, i: int, x: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    def denoise(self, i: int, x: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t as the sampler continues from it, x0_hat, eps_hat): x_t has its known region replaced first."""
+        if self.keep is not None:
+            x = self.keep * self.noised(self.image_x0, t, self.noise()) + (1 - self.keep) * x
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         x0, eps = self.denoise_fn(x, t_batch)
         x0, eps = x0.to(x.dtype), eps.to(x.dtype)  # keep the state in the requested dtype whatever D returns
         if self.callback is not None:
             self.callback(i, t, x, x0)
-        return x0, eps
+        return x, x0, eps
 
 
 def check_eta(name: str, eta: Optional[float], natural: float) -> float:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_ldm.diffusion.samplers.common import Callback, Denoiser, Run, SamplerSpec, Spacing, make_spec
+from lightning_ldm.diffusion.samplers.common import Callback, Denoiser, FromImage, Run, SamplerSpec, Spacing, make_spec
 from lightning_ldm.diffusion.schedules import NoiseSchedule
 from lightning_ldm.errors import ConfigError
 
@@ -26,6 +26,7 @@ def sample_ddim(
     x_T: Optional[Tensor] = None,
     progress: bool = False,
     callback: Optional[Callback] = None,
+    image: Optional[FromImage] = None,
 ) -> tuple[Tensor, SamplerSpec]:
     """DDIM, Song et al. Eq. 12, with eta (default 0) scaling the noise between deterministic and ancestral:
     x_prev = sqrt(a') x0_hat + sqrt(1 - a' - sigma^2) eps_hat + sigma z,
@@ -33,14 +34,16 @@ def sample_ddim(
     eta = 0.0 if eta is None else float(eta)
     if not 0.0 <= eta <= 1.0:
         raise ConfigError(f"sampler eta={eta} must be in [0, 1] (0 = deterministic DDIM, 1 = ancestral)")
-    spec = make_spec("ddim", schedule.num_timesteps, steps, eta, spacing)
+    spec = make_spec("ddim", schedule.num_timesteps, steps, eta, spacing, image)
     run = Run(spec, denoise_fn, schedule, shape, generator=generator, device=device, dtype=dtype, x_T=x_T,
-              progress=progress, callback=callback)
+              progress=progress, callback=callback, image=image)
+    if run.start() is not None:
+        return run.start(), spec
     x = run.x_T
     for i, t, t_next in run.steps():
-        x0, eps = run.denoise(i, x, t)
+        x, x0, eps = run.denoise(i, x, t)
         if t_next is None:
-            return x0, spec
+            return run.finish(x0), spec
         a, a_next = run.alpha_bar[t], run.alpha_bar[t_next]
         sigma = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
         x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - sigma**2, 0.0)) * eps

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from lightning_ldm.diffusion.samplers.common import (
     Callback,
+    FromImage,
     Denoiser,
     Run,
     SamplerSpec,
@@ -32,6 +33,7 @@ def sample_ddpm(
     x_T: Optional[Tensor] = None,
     progress: bool = False,
     callback: Optional[Callback] = None,
+    image: Optional[FromImage] = None,
 ) -> tuple[Tensor, SamplerSpec]:
     """Ancestral sampling from the posterior q(x_prev | x_t, x0_hat) (Ho et al. Eqs. 6-7), variance beta_tilde.
 
@@ -39,14 +41,16 @@ def sample_ddpm(
     1 - a/a' (a = alpha_bar_t, a' = alpha_bar_t'), so the skipped steps compose exactly. Returns x0_hat at
     the smallest timestep (equal to the posterior mean there when that timestep is 0). eta is 1 by definition.
     """
-    spec = make_spec("ddpm", schedule.num_timesteps, steps, check_eta("ddpm", eta, 1.0), spacing)
+    spec = make_spec("ddpm", schedule.num_timesteps, steps, check_eta("ddpm", eta, 1.0), spacing, image)
     run = Run(spec, denoise_fn, schedule, shape, generator=generator, device=device, dtype=dtype, x_T=x_T,
-              progress=progress, callback=callback)
+              progress=progress, callback=callback, image=image)
+    if run.start() is not None:
+        return run.start(), spec
     x = run.x_T
     for i, t, t_next in run.steps():
-        x0, _ = run.denoise(i, x, t)
+        x, x0, _ = run.denoise(i, x, t)
         if t_next is None:
-            return x0, spec
+            return run.finish(x0), spec
         a, a_next = run.alpha_bar[t], run.alpha_bar[t_next]
         beta = 1 - a / a_next
         # Posterior mean (Eq. 7): sqrt(a') beta/(1 - a) x0 + sqrt(1 - beta) (1 - a')/(1 - a) x_t.

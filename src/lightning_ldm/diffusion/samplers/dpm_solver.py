@@ -8,6 +8,7 @@ from torch import Tensor
 
 from lightning_ldm.diffusion.samplers.common import (
     Callback,
+    FromImage,
     Denoiser,
     Run,
     SamplerSpec,
@@ -32,6 +33,7 @@ def sample_dpmpp_2m(
     x_T: Optional[Tensor] = None,
     progress: bool = False,
     callback: Optional[Callback] = None,
+    image: Optional[FromImage] = None,
 ) -> tuple[Tensor, SamplerSpec]:
     """Multistep second-order solver of the probability-flow ODE in data-prediction form.
 
@@ -41,18 +43,20 @@ def sample_dpmpp_2m(
     timestep to the data (lambda = inf) is first order, i.e. the returned sample is x0_hat there.
     Deterministic: eta is 0 by definition and no noise is drawn after x_T.
     """
-    spec = make_spec("dpmpp_2m", schedule.num_timesteps, steps, check_eta("dpmpp_2m", eta, 0.0), spacing)
+    spec = make_spec("dpmpp_2m", schedule.num_timesteps, steps, check_eta("dpmpp_2m", eta, 0.0), spacing, image)
     run = Run(spec, denoise_fn, schedule, shape, generator=generator, device=device, dtype=dtype, x_T=x_T,
-              progress=progress, callback=callback)
+              progress=progress, callback=callback, image=image)
+    if run.start() is not None:
+        return run.start(), spec
 
     def log_snr_half(a: float) -> float:
         return 0.5 * (math.log(a) - math.log1p(-a))
 
     x, x0_prev, h_prev = run.x_T, None, None
     for i, t, t_next in run.steps():
-        x0, _ = run.denoise(i, x, t)
+        x, x0, _ = run.denoise(i, x, t)
         if t_next is None:
-            return x0, spec
+            return run.finish(x0), spec
         a, a_next = run.alpha_bar[t], run.alpha_bar[t_next]
         h = log_snr_half(a_next) - log_snr_half(a)
         if x0_prev is None:
