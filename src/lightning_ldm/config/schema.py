@@ -43,6 +43,9 @@ class SampleConfig:
     prompts: Optional[list[str]] = None
     prompt_file: Optional[str] = None
     negative_prompt: Optional[str] = None
+    images: Optional[str] = None
+    masks: Optional[str] = None
+    strength: float = 1.0
     use_ema: bool = True
     format: Literal["png", "npz"] = "png"
     output_dir: Optional[str] = None

@@ -21,7 +21,8 @@ from lightning_ldm.conditioning.conditioner import Conditioner
 from lightning_ldm.diffusion.guidance import guided_model_fn
 from lightning_ldm.diffusion.loss import DenoisingLoss
 from lightning_ldm.diffusion.parameterization import Prediction
-from lightning_ldm.diffusion.samplers import SamplerSettings, make_denoiser, sample
+from lightning_ldm.diffusion.image_inputs import latent_keep_mask
+from lightning_ldm.diffusion.samplers import FromImage, SamplerSettings, make_denoiser, sample
 from lightning_ldm.diffusion.schedules import NoiseSchedule
 from lightning_ldm.errors import ConfigError
 from lightning_ldm.latent.cache import CachedLatents
@@ -298,10 +299,15 @@ class DiffusionModule(StepCountingModule):
                  negative_prompt: Optional[str] = None, generator: Optional[torch.Generator] = None,
                  sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
                  guidance_scale: Optional[float] = None, use_ema: bool = True, progress: bool = False,
-                 x_T: Optional[torch.Tensor] = None):
+                 x_T: Optional[torch.Tensor] = None, image: Optional[torch.Tensor] = None, strength: float = 1.0,
+                 keep: Optional[torch.Tensor] = None):
         """n images in [-1, 1] (float32) and the sampler's spec. Class labels default to random classes; a
         text-conditioned model needs ``prompts`` (n of them); ``negative_prompt`` replaces the empty caption of
-        guidance's unconditional branch."""
+        guidance's unconditional branch.
+
+        From an input ``image`` (n, C, H, W) in [-1, 1], any model: ``strength`` < 1 is image-to-image (SDEdit,
+        from its latents noised part of the way), and ``keep`` (n, 1, H, W), 1 where the input stays, inpaints by
+        replacement in latent space; the kept pixels of the result are the input's exactly."""
         settings = self.sampling
         networks = self.ema.model if use_ema else self.trained_networks()
         conditioner, net = networks["conditioner"], networks["unet"]
@@ -309,11 +315,23 @@ class DiffusionModule(StepCountingModule):
         cond, uncond = conditioner.guidance_inputs(inputs, self.device, negative) if inputs else ({}, {})
         scale = settings.guidance_scale if guidance_scale is None else guidance_scale
         denoise = make_denoiser(guided_model_fn(net, cond, uncond, scale), self.schedule, self.prediction)
-        shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
+        from_image = None
+        if image is not None:
+            image = image.to(self.device, torch.float32)
+            factor = self.first_stage.downsampling_factor
+            shape = (n, self.first_stage.latent_channels, image.shape[-2] // factor, image.shape[-1] // factor)
+            latent_keep = None if keep is None else latent_keep_mask(keep.to(self.device, torch.float32), factor)
+            from_image = FromImage(self.first_stage.encode_mean(image), strength, latent_keep)
+        else:
+            shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
         z, spec = sample(sampler or settings.sampler, denoise, self.schedule, shape,
                          steps=steps or settings.steps, eta=settings.eta if eta is None else eta,
-                         generator=generator, device=self.device, x_T=x_T, progress=progress)
-        return self.decode_latents(z), spec
+                         generator=generator, device=self.device, x_T=x_T, progress=progress, image=from_image)
+        images = self.decode_latents(z)
+        if keep is not None:
+            keep = keep.to(images.device, images.dtype)
+            images = keep * image.to(images.dtype) + (1 - keep) * images
+        return images, spec
 
     def _condition_inputs(self, conditioner: Conditioner, n: int, labels, prompts, negative_prompt, generator):
         inputs, negative = {}, {}

@@ -101,6 +101,13 @@ class FrozenFirstStage(nn.Module):
         return scale
 
     @torch.no_grad()
+    def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """The scaled posterior mean: an input image's latents for image-to-image and inpainting."""
+        if not self.scale_is_set:
+            raise RuntimeError("scale_factor used before it was estimated or configured")
+        return self.encode_distribution(images)[0] * self.scale_factor.to(images.dtype)
+
+    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.scaled_latents(*self.encode_distribution(images))
 

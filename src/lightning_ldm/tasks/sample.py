@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lightning_ldm.diffusion.checkpoint import load_diffusion_model, newest_checkpoint
+from lightning_ldm.diffusion.image_inputs import read_input_images
 from lightning_ldm.diffusion.seeds import initial_noise, labels_for, prompts_for, read_prompts
 from lightning_ldm.errors import CheckpointError, ConfigError
 from lightning_ldm.atomic import atomic_path
@@ -64,8 +65,12 @@ def sample(cfg: DictConfig) -> None:
     out_dir = Path(options.output_dir) if options.output_dir else run_dir / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    seeds = list(range(options.seed_start, options.seed_start + options.num_samples))
     prompt_pool = read_prompts(options.get("prompts"), options.get("prompt_file"))
+    if options.get("images"):
+        return sample_from_images(cfg, fabric, module, out_dir, prompt_pool)
+    if options.get("masks") or options.get("strength", 1.0) != 1.0:
+        raise ConfigError("sample.masks and sample.strength apply to input images: set sample.images as well")
+    seeds = list(range(options.seed_start, options.seed_start + options.num_samples))
     prompts_for(seeds[:1], prompt_pool, module.conditioner.reads_text)  # refuses a mismatch before any work
     mine = seeds[fabric.global_rank::fabric.world_size]
     todo = mine if options.format == "npz" else samples_to_make(mine, out_dir)
@@ -125,3 +130,46 @@ def sample(cfg: DictConfig) -> None:
             else:
                 grid = save_png(make_grid(stacked, nrow), run_dir / "grid.png")
             print(f"Wrote {len(seeds)} samples to {out_dir} and a grid to {grid}")
+
+
+def sample_from_images(cfg: DictConfig, fabric: Fabric, module, out_dir: Path, prompt_pool) -> None:
+    """One output per input image, named as the input: image-to-image at ``sample.strength`` and, with
+    ``sample.masks``, inpainting by replacement (any model). Input i has seed ``seed_start + i`` and the i-th
+    class or prompt, as generated images do."""
+    options = cfg.sample
+    inputs = read_input_images(options.images, options.get("masks"), channels=module.first_stage.image_channels,
+                               factor=module.first_stage.downsampling_factor)
+    seeds = list(range(options.seed_start, options.seed_start + len(inputs.names)))
+    prompts_for(seeds[:1], prompt_pool, module.conditioner.reads_text)
+    factor = module.first_stage.downsampling_factor
+    shape = (module.first_stage.latent_channels, inputs.pixels.shape[-2] // factor, inputs.pixels.shape[-1] // factor)
+    mine = list(range(len(seeds)))[fabric.global_rank::fabric.world_size]
+    outputs: dict[int, torch.Tensor] = {}
+    for start in tqdm(range(0, len(mine), options.batch_size), desc="sampling from images",
+                      disable=not fabric.is_global_zero):
+        rows = mine[start:start + options.batch_size]
+        batch = [seeds[i] for i in rows]
+        labels = labels_for(batch, options.classes, module.num_classes)
+        keep = None if inputs.keep is None else inputs.keep[rows]
+        with fabric.autocast():
+            images, _ = module.generate(
+                len(batch), labels=None if labels is None else labels.to(fabric.device),
+                prompts=prompts_for(batch, prompt_pool, module.conditioner.reads_text),
+                negative_prompt=options.get("negative_prompt"),
+                generator=torch.Generator(device=fabric.device).manual_seed(batch[0]), sampler=options.sampler,
+                steps=options.steps, eta=options.eta, guidance_scale=options.guidance_scale, use_ema=options.use_ema,
+                x_T=initial_noise(batch, shape).to(fabric.device), image=inputs.pixels[rows],
+                strength=options.strength, keep=keep)
+        for row, image in zip(rows, to_uint8(images)):
+            path = out_dir / inputs.names[row]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_png(image, path)
+            outputs[row] = image
+    fabric.barrier()
+    if fabric.is_global_zero and outputs:
+        # Input above output, column by column: what was asked and what came back.
+        shown = sorted(outputs)[:max(1, options.grid_size // 2)]
+        pairs = [t for row in shown for t in (to_uint8(inputs.pixels[row:row + 1])[0], outputs[row])]
+        grid = save_png(make_grid(torch.stack(pairs), 2), Path(cfg.paths.run_dir) / "grid.png")
+        print(f"Wrote {len(inputs.names)} images to {out_dir} (strength {options.strength}"
+              f"{', inpainted' if inputs.keep is not None else ''}) and input/output pairs to {grid}")
