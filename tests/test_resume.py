@@ -49,15 +49,14 @@ def _run(compose, tmp_path, export, name, steps, *overrides):
     return tmp_path / name
 
 
-# Both targets: with one of them (which, depended on the run) the loggers' step came back one batch late.
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(compose, tmp_path, export, prediction):
-    target = f"module.prediction={prediction}"
-    full = _run(compose, tmp_path, export, "full", 8, target)
-    half = _run(compose, tmp_path, export, "half", 5, target)  # stops mid-epoch, between validations
+def _matches_uninterrupted(run) -> dict:
+    """``run(name, steps)`` trains a run directory: 5 steps, then resumed to 8, against 8 in one go. The losses of
+    every step and the EMA weights must agree; returns the EMA state."""
+    full = run("full", 8)
+    half = run("half", 5)  # stops mid-epoch, between validations
     assert (half / "checkpoints" / "last.ckpt").is_file()
     resumed = _losses(half)
-    _run(compose, tmp_path, export, "half", 8, target)  # same run directory: resume=auto continues it
+    run("half", 8)  # same run directory: resume=auto continues it
     resumed.update(_losses(half))
     expected = _losses(full)
     assert sorted(expected) == sorted(resumed) == list(range(8))
@@ -66,7 +65,16 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(compose, tmp_
     ema_full, ema_resumed = _ema(full), _ema(half)
     assert ema_full.keys() == ema_resumed.keys()
     for key in ema_full:
-        torch.testing.assert_close(ema_resumed[key], ema_full[key], rtol=1e-5, atol=1e-7)
+        if isinstance(ema_full[key], torch.Tensor):  # not the tokenizer's extra state
+            torch.testing.assert_close(ema_resumed[key], ema_full[key], rtol=1e-5, atol=1e-7)
+    return ema_full
+
+
+# Both targets: with one of them (which, depended on the run) the loggers' step came back one batch late.
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(compose, tmp_path, export, prediction):
+    _matches_uninterrupted(lambda name, steps: _run(compose, tmp_path, export, name, steps,
+                                                    f"module.prediction={prediction}"))
 
 
 TEXT = ["data=captioned_digits", "data.num_scenes=48", "data.image_size=32", "autoencoder=identity", "unet=tiny",
@@ -83,20 +91,8 @@ def test_a_resumed_text_to_image_run_matches_the_uninterrupted_one(compose, tmp_
         fit(cfg)
         return tmp_path / name
 
-    full = run("full", 8)
-    half = run("half", 5)
-    resumed = _losses(half)
-    run("half", 8)
-    resumed.update(_losses(half))
-    expected = _losses(full)
-    assert sorted(expected) == sorted(resumed) == list(range(8))
-    for step in expected:
-        assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
-    ema_full, ema_resumed = _ema(full), _ema(half)
-    assert any(key.startswith("ema.model.conditioner.embedders.caption.encoder") for key in ema_full)
-    for key in ema_full:
-        if isinstance(ema_full[key], torch.Tensor):
-            torch.testing.assert_close(ema_resumed[key], ema_full[key], rtol=1e-5, atol=1e-7)
+    ema = _matches_uninterrupted(run)
+    assert any(key.startswith("ema.model.conditioner.embedders.caption.encoder") for key in ema)
 
 
 def _steps(metrics: Path) -> list[int]:

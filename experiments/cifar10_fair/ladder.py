@@ -24,7 +24,6 @@ each extractor, beside generated samples, all at the same n against the same hel
 """
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -32,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +40,7 @@ for extra in (REPO / "src", REPO / "experiments" / "feature_extractors"):
 
 from lightning_ldm.metrics.features import FeatureExtractorSpec, build_feature_extractor  # noqa: E402
 from lightning_ldm.metrics.frechet import GaussianStatistics, distance_to_reference  # noqa: E402
+from lightning_ldm.metrics.ladder import degrade  # noqa: E402
 
 RUNGS = ("training images", "jpeg q50", "blur 3x3", "noise 0.1", "noise 0.2", "1 in 8 blank")
 
@@ -76,30 +75,6 @@ def frame_stats(images: torch.Tensor, blank_std: float) -> dict:
     return {"blank_share": (std < blank_std).float().mean().item(), "blank_count": int((std < blank_std).sum()),
             "saturated_share": saturated.float().mean().item(), "saturated_count": int(saturated.sum()),
             "clipped_share": at_limit.mean().item()}
-
-
-def degrade(images: torch.Tensor, rung: str, generator: torch.Generator) -> torch.Tensor:
-    """uint8 (N, 3, H, W) on the CPU -> the rung's uint8 images."""
-    if rung == "training images":
-        return images
-    if rung == "jpeg q50":
-        out = []
-        for image in images.permute(0, 2, 3, 1).numpy():
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="JPEG", quality=50)
-            out.append(np.array(Image.open(buffer).convert("RGB")))
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-    x = images.float() / 127.5 - 1
-    if rung == "blur 3x3":
-        x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    elif rung.startswith("noise "):
-        x = x + float(rung.split()[1]) * torch.randn(x.shape, generator=generator)
-    elif rung == "1 in 8 blank":
-        pick = torch.randperm(len(x), generator=generator)[: len(x) // 8]
-        x[pick] = torch.where(torch.arange(len(pick))[:, None, None, None] % 2 == 0, 1.0, -1.0).expand(-1, *x.shape[1:])
-    else:
-        raise ValueError(rung)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 @torch.no_grad()

@@ -19,18 +19,17 @@ The classifier is ``experiments/feature_extractors/train_classifier.py --data di
 """
 
 import argparse
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from lightning_ldm.data.digits import DigitsDataModule
 from lightning_ldm.metrics.features import FeatureExtractorSpec, build_feature_extractor
 from lightning_ldm.metrics.frechet import GaussianStatistics, distance_to_reference
+from lightning_ldm.metrics.ladder import degrade
 from lightning_ldm.metrics.scores import precision_recall
 
 
@@ -56,24 +55,6 @@ def read(extractor, images: torch.Tensor, confidence: float) -> dict:
     top, label = probs.max(-1)
     return {"features": features, "confident": (top >= confidence).float().mean().item(),
             "classes": torch.bincount(label[top >= confidence], minlength=10).tolist()}
-
-
-def degrade(images: torch.Tensor, rung: str, generator: torch.Generator) -> torch.Tensor:
-    x = images.float() / 127.5 - 1
-    if rung == "blur 3x3":
-        x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    elif rung == "noise 0.2":
-        x = x + 0.2 * torch.randn(x.shape, generator=generator)
-    elif rung == "pure noise":
-        x = torch.rand(x.shape, generator=generator) * 2 - 1
-    elif rung == "jpeg q50":
-        out = []
-        for image in images:
-            buffer = io.BytesIO()
-            Image.fromarray(image[0].numpy()).save(buffer, format="JPEG", quality=50)
-            out.append(torch.from_numpy(np.array(Image.open(buffer)))[None])
-        return torch.stack(out)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 RUNGS = ("real digits", "jpeg q50", "blur 3x3", "noise 0.2", "pure noise")

@@ -23,7 +23,6 @@ by seed block, and every score is given as the mean over blocks with the lowest 
 """
 
 import argparse
-import io
 import json
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from PIL import Image
 
 from lightning_ldm.data.captioned_digits import describe_scene, evaluation_scenes, render_scene
 from lightning_ldm.metrics.frechet import GaussianStatistics, frechet_distance
+from lightning_ldm.metrics.ladder import degrade
 from lightning_ldm.metrics.prompt_accuracy import (DigitReader, load_digit_reader, save_digit_reader,
                                                    score_prompts, train_digit_reader)
 
@@ -72,24 +72,6 @@ def reader_features(images: torch.Tensor, reader: DigitReader) -> torch.Tensor:
     x = F.interpolate(x, size=(20, 20), mode="area")
     n, c = x.shape[:2]
     return reader.body(x.reshape(n * c, 1, 20, 20)).reshape(n, -1).double()
-
-
-def degrade(images: torch.Tensor, rung: str, generator: torch.Generator) -> torch.Tensor:
-    x = images.float() / 127.5 - 1
-    if rung == "blur 3x3":
-        x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    elif rung == "noise 0.2":
-        x = x + 0.2 * torch.randn(x.shape, generator=generator)
-    elif rung == "pure noise":
-        x = torch.rand(x.shape, generator=generator) * 2 - 1
-    elif rung == "jpeg q50":
-        out = []
-        for image in images:
-            buffer = io.BytesIO()
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=50)
-            out.append(torch.from_numpy(np.array(Image.open(buffer))).permute(2, 0, 1))
-        return torch.stack(out)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def fd(reference: torch.Tensor, images: torch.Tensor, reader: DigitReader) -> float:
