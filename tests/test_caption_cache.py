@@ -13,7 +13,6 @@ from lightning_ldm.data.captioned_digits import CaptionedDigitsDataModule
 from lightning_ldm.data.folder import ImageFolderDataModule
 from lightning_ldm.data.transforms import mirror_caption
 from lightning_ldm.latent.cache import CachedLatents, LatentDataset
-from lightning_ldm.latent.first_stage import identity_first_stage
 
 from test_stage2 import assert_one_line, make_trainer
 from test_text_encoders import clip_folders  # noqa: F401  (the fixture)

@@ -8,7 +8,6 @@ encoder, so its average is paired with the encoder's average over the same steps
 encoder. Frozen encoders (a pretrained CLIP text tower) are neither averaged nor optimised.
 """
 
-from pathlib import Path
 import inspect
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
