@@ -405,3 +405,17 @@ def test_inpainting_by_replacement_keeps_the_known_region_and_noises_it_to_each_
     torch.testing.assert_close(out[:, known:], torch.full_like(out[:, known:], MU))  # the rest: the data point
     z = torch.stack(standardized)
     assert len(standardized) == 10 and abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1) < 0.05
+
+
+def test_the_models_sampling_node_is_checked_in_one_line_each():
+    from lightning_ldm.diffusion.samplers import SamplerSettings
+
+    assert SamplerSettings.from_config(None) == SamplerSettings("dpmpp_2m", 20, None, 1.0)
+    assert SamplerSettings.from_config({"sampler": "ddim", "eta": 0.5}).as_dict() == {
+        "sampler": "ddim", "steps": 20, "eta": 0.5, "guidance_scale": 1.0}
+    for node, message in [({"sampler_steps": 4}, r"module.sampling has no sampler_steps; it takes sampler, steps"),
+                          ({"sampler": "euler"}, r"module.sampling.sampler='euler' is unknown; use one of ddpm"),
+                          ({"steps": 0}, r"module.sampling.steps must be at least 1, got 0")]:
+        with pytest.raises(ConfigError, match=message) as error:
+            SamplerSettings.from_config(node)
+        assert "\n" not in str(error.value)

@@ -196,11 +196,11 @@ class CaptionEmbedder(Embedder):
 
     def forward(self, values: Union[Sequence[str], Mapping[str, Tensor]], device: torch.device,
                 dropped: Optional[Tensor] = None) -> Tensor:
-        if isinstance(values, Mapping):
-            ids, mask = values["ids"].long(), values["mask"].bool()
+        if isinstance(values, Mapping):  # cached as int32: half the bytes to copy, widened on the device
+            ids, mask = values["ids"], values["mask"]
         else:
             ids, mask = self._tokenizer().encode(list(values))
-        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        ids, mask = ids.to(device, non_blocking=True).long(), mask.to(device, non_blocking=True).bool()
         if dropped is not None:
             null_ids, null_mask = self._null_tokens(device)
             ids = torch.where(dropped[:, None], null_ids, ids)

@@ -169,7 +169,7 @@ def read_captions(store, members: list[str]) -> Optional[list[list[str]]]:
     return [found[member] for member in members]
 
 
-def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
     if image.mode.startswith("I;16"):  # 16-bit greyscale: keep the top 8 bits instead of clipping at 255
         image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8), "L")
     elif image.mode == "P":  # palette with transparency must pass through RGBA (PIL warns otherwise)
@@ -194,7 +194,7 @@ class ImageFiles:
         member = self.members[index]
         try:
             with self.store.open(member) as file, Image.open(file) as image:
-                pixels = pil_to_uint8(center_crop_resize(_to_mode(image, self.mode), self.image_size))
+                pixels = pil_to_uint8(center_crop_resize(to_mode(image, self.mode), self.image_size))
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib and struct errors
             raise DataError(
                 f"cannot decode image {self.store.describe(member)} ({_reason(error)}); "

@@ -6,6 +6,7 @@ converted to the model's channels. A mask has the same relative path as its imag
 (>= 128) marks what is generated and black what is kept, the convention of Stable Diffusion's inpainting tools.
 """
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lightning_ldm.data.folder import DirectoryStore, ZipStore
+from lightning_ldm.data.folder import DirectoryStore, ZipStore, to_mode
 from lightning_ldm.errors import ConfigError, DataError
 
 
@@ -30,15 +31,18 @@ def _store(path: str, what: str):
     root = Path(path).expanduser()
     if root.is_dir():
         return DirectoryStore(str(root))
-    if root.is_file() and root.suffix.lower() == ".zip":
-        return ZipStore(str(root))
-    raise ConfigError(f"{what}={path} is neither a folder nor a .zip of images")
+    try:
+        store = ZipStore(str(root))
+        store._zip()
+        return store
+    except (zipfile.BadZipFile, OSError):
+        raise ConfigError(f"{what}={path} is neither a folder nor a .zip of images") from None
 
 
 def _read(store, member: str, mode: str) -> np.ndarray:
     try:
         with store.open(member) as file, Image.open(file) as image:
-            return np.asarray(image.convert(mode))
+            return np.asarray(to_mode(image, mode))
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError and more
         raise DataError(f"cannot decode {store.describe(member)} ({type(error).__name__})") from None
 

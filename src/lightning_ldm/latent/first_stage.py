@@ -70,11 +70,15 @@ class FrozenFirstStage(nn.Module):
             if not self.scale_is_set:
                 raise RuntimeError("scale_factor used before it was estimated or configured")
             self._checked_scale = (self.scale_factor, self.scale_factor._version)
-        z = mean
-        if self.sample_posterior and self.regularizer == "kl":
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + std * noise
+        z = self._posterior_draw(mean, std, generator)
         return z * self.scale_factor.to(z.dtype)
+
+    def _posterior_draw(self, mean: torch.Tensor, std: torch.Tensor,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """mean + std * eps when sampling the KL posterior (LD's per-step augmentation), else the mean."""
+        if not (self.sample_posterior and self.regularizer == "kl"):
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
     @torch.no_grad()
     def unscaled_sample(self, batch: dict, device: torch.device) -> torch.Tensor:
@@ -84,9 +88,7 @@ class FrozenFirstStage(nn.Module):
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
         else:
             mean, std = self.encode_distribution(batch["image"].to(device))
-        if self.sample_posterior and self.regularizer == "kl":
-            return mean + std * torch.randn_like(mean)
-        return mean
+        return self._posterior_draw(mean, std)
 
     def fit_scale(self, batches: Iterable[dict], num_batches: int, device: torch.device) -> float:
         """The scale of Sec. 4.3.2, 1 / std of the latents of ``num_batches`` batches per rank (a scale already

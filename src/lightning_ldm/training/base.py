@@ -158,7 +158,6 @@ class StepCountingModule(L.LightningModule):
         # Callbacks' on_train_batch_end (a step-triggered ModelCheckpoint, FID) runs before ours: a checkpoint
         # written there holds this batch's update, so it must count this batch (see on_save_checkpoint).
         self._batch_finished_uncounted = True
-        self._restore_rng_states()  # a callback's own on_train_start may have run after ours
 
     def _restore_rng_states(self) -> None:
         # After a resume: once Lightning has run its sanity check and set up (both draw random numbers), and before
