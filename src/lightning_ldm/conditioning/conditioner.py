@@ -35,15 +35,21 @@ class Conditioner(nn.Module):
             raise ConfigError(f"the vector embedders produce sizes {sorted(vectors)}; they are summed, so they must agree")
 
     @classmethod
-    def from_spec(cls, spec: Optional[Mapping[str, Mapping[str, Any]]], *, vector_dim: int) -> "Conditioner":
+    def from_spec(cls, spec: Optional[Mapping[str, Mapping[str, Any]]], *, vector_dim: int,
+                  first_stage=None) -> "Conditioner":
         """Embedders from their configs (``conditioning=`` group). A vector embedder without a ``dim`` gets
-        ``vector_dim``: the UNet's time-embedding width, which it is added to."""
+        ``vector_dim``: the UNet's time-embedding width, which it is added to. Map embedders (super-resolution,
+        inpainting) are bound to ``first_stage``, whose latents they join."""
         embedders = {}
         for name, embedder_spec in (spec or {}).items():
             embedder_spec = dict(embedder_spec)
             if embedder_spec.get("output", "vector") == "vector" and embedder_spec.get("kind") == "class":
                 embedder_spec["dim"] = embedder_spec.get("dim") or vector_dim
             embedders[name] = build_embedder(embedder_spec)
+            if hasattr(embedders[name], "bind_first_stage"):
+                if first_stage is None:
+                    raise ConfigError(f"conditioning {name!r} ({embedders[name].kind}) needs the first stage")
+                embedders[name].bind_first_stage(first_stage)
         return cls(embedders)
 
     # ----------------------------------------------------------------------------------- what it provides
@@ -80,6 +86,10 @@ class Conditioner(nn.Module):
     def reads_text(self) -> bool:
         return any(e.input_key == "caption" for e in self.embedders.values())
 
+    def pair_makers(self) -> list:
+        """What the data must add to each item for the map conditions (``lightning_ldm.data.pairs``)."""
+        return [maker for maker in (e.pairs() for e in self.embedders.values()) if maker is not None]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -97,13 +107,13 @@ class Conditioner(nn.Module):
         """Each embedder's input from a batch, checked: one clear line when the data lacks it."""
         found = {}
         for name, embedder in self.embedders.items():
-            if embedder.input_key not in batch:
-                raise DataError(f"conditioning {name!r} reads {embedder.input_key!r} from the batch, but the data "
-                                f"gives only {', '.join(sorted(batch))}" + (
-                                    ": the data has no captions (metadata.jsonl or a .txt beside each image)"
-                                    if embedder.input_key == "caption" else ""))
-            embedder.check_batch(batch[embedder.input_key])
-            found[name] = batch[embedder.input_key]
+            for key in embedder.input_keys:
+                if key not in batch:
+                    raise DataError(f"conditioning {name!r} reads {key!r} from the batch, but the data gives only "
+                                    f"{', '.join(sorted(batch))}" + _MISSING_HINT.get(key, ""))
+            keys = embedder.input_keys
+            found[name] = batch[keys[0]] if len(keys) == 1 else {key: batch[key] for key in keys}
+            embedder.check_batch(found[name])
         return found
 
     def null_inputs(self, n: int) -> dict[str, Any]:
@@ -138,9 +148,17 @@ class Conditioner(nn.Module):
         unconditional branch where given (a negative prompt)."""
         n = _batch_size(next(iter(inputs.values())))
         null = self.null_inputs(n)
+        null.update({name: inputs[name] for name, e in self.embedders.items() if e.guidance_keeps_input})
         if negative:
             null.update({k: v for k, v in negative.items() if k in null})
         return self(inputs, device), self(null, device)
+
+
+_MISSING_HINT = {
+    "caption": ": the data has no captions (metadata.jsonl or a .txt beside each image)",
+    "low_res": ": super-resolution pairs are made by lightning_ldm.data.pairs.ImagePairs (the command line wraps the data)",
+    "mask": ": inpainting masks are made by lightning_ldm.data.pairs.ImagePairs (the command line wraps the data)",
+}
 
 
 def join_for_guidance(cond: Cond, uncond: Cond) -> Cond:

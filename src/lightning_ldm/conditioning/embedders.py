@@ -30,9 +30,22 @@ class Embedder(nn.Module):
             raise ConfigError(f"an embedder's drop_rate must be in [0, 1), got {drop_rate}")
         self.drop_rate = drop_rate
 
+    # Whether classifier-free guidance's unconditional branch keeps this condition (a map: the image to
+    # super-resolve or inpaint) instead of its null, as Stable Diffusion's inpainting and upscaling models do.
+    guidance_keeps_input = False
+
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        """The batch keys it reads; with more than one, it gets a mapping of them."""
+        return (self.input_key,)
+
     @property
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
+
+    def pairs(self):
+        """What the data must add to each item for this condition (``lightning_ldm.data.pairs``), or None."""
+        return None
 
     @property
     def dim(self) -> int:
@@ -305,13 +318,17 @@ class FrozenCLIPTextEmbedder(Embedder):
         return self._null_cache[1]
 
 
-EMBEDDERS: dict[str, type[Embedder]] = {"class": ClassEmbedder, "text": CaptionEmbedder,
-                                        "clip_text": FrozenCLIPTextEmbedder}
+def embedder_kinds() -> dict[str, type[Embedder]]:
+    from lightning_ldm.conditioning.image_embedders import LowResolutionEmbedder, MaskedImageEmbedder
+
+    return {"class": ClassEmbedder, "text": CaptionEmbedder, "clip_text": FrozenCLIPTextEmbedder,
+            "low_res": LowResolutionEmbedder, "inpainting": MaskedImageEmbedder}
 
 
 def build_embedder(spec: dict[str, Any]) -> Embedder:
     spec = copy.deepcopy(dict(spec))
     kind = spec.pop("kind", None)
+    EMBEDDERS = embedder_kinds()
     if kind not in EMBEDDERS:
         raise ConfigError(f"conditioning embedder kind {kind!r} is unknown; use one of {', '.join(EMBEDDERS)}")
     try:

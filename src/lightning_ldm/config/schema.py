@@ -78,6 +78,7 @@ class EvaluateConfig:
     reference_num_images: Optional[int] = None
     reference_cache_dir: Optional[str] = None
     split: Literal["train", "val"] = "val"
+    task: Optional[Literal["super_resolution", "inpainting"]] = None
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     prc_neighborhood: int = 3

@@ -1,6 +1,7 @@
 """Training pairs made on the fly from any images: low-resolution inputs for super-resolution and masks for
 inpainting (the paper's Sec. 4.4-4.5 tasks). Every draw comes from the ``generator`` passed in, so validation
-can use a fixed seed and see the same pairs every time.
+can use a fixed seed and see the same pairs every time; None draws from torch's global RNG (in a DataLoader
+worker: seeded per worker, as the flips are).
 
 Super-resolution: downsampling by ``factor`` with ``area`` (the mean of each factor x factor block, so the
 low-resolution image is exactly what the high-resolution one averages to) or ``bicubic`` (antialiased), then
@@ -64,7 +65,6 @@ def low_resolution(images: torch.Tensor, factor: int, *, mode: Downsampling = "a
                           f"{images.shape[-1]}x{images.shape[-2]}")
     if mode not in ("area", "bicubic"):
         raise ConfigError(f"downsampling must be area or bicubic, got {mode!r}")
-    generator = generator or torch.Generator().manual_seed(0)
     out = []
     for image in images:
         if blur_sigma is not None:
@@ -86,7 +86,6 @@ def inpainting_masks(n: int, size: int, kind: MaskKind = "box",
     """``n`` masks (n, 1, size, size) of 0 and 1 (1 = generated): never empty, never the whole image."""
     if kind not in ("box", "strokes"):
         raise ConfigError(f"mask kind must be box or strokes, got {kind!r}")
-    generator = generator or torch.Generator().manual_seed(0)
     masks = torch.zeros(n, 1, size, size)
     for mask in masks:
         if kind == "box":

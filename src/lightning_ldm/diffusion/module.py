@@ -12,11 +12,13 @@ import inspect
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from lightning_ldm.conditioning.conditioner import Conditioner
+from lightning_ldm.data.pairs import ImagePairs
 from lightning_ldm.diffusion.guidance import guided_model_fn
 from lightning_ldm.diffusion.loss import DenoisingLoss
 from lightning_ldm.diffusion.parameterization import Prediction
@@ -58,7 +60,7 @@ class DiffusionModule(StepCountingModule):
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
         scale_estimation_batches: int = 32,
-        cache_latents: bool = False,
+        cache_latents: Optional[bool] = False,
         cache_dir: Optional[str] = None,
         sampling: Optional[Mapping[str, Any]] = None,
         image_log_every: int = 500,
@@ -75,7 +77,7 @@ class DiffusionModule(StepCountingModule):
                               f"f={first_stage.downsampling_factor}")
         self.first_stage = first_stage
         model_channels = inspect.signature(unet).parameters["model_channels"].default
-        self.conditioner = Conditioner.from_spec(conditioning, vector_dim=4 * model_channels)
+        self.conditioner = Conditioner.from_spec(conditioning, vector_dim=4 * model_channels, first_stage=first_stage)
         given_context = getattr(unet, "keywords", {}).get("context_dim")
         if given_context is not None and given_context != self.conditioner.context_dim:
             raise ConfigError(f"unet.context_dim={given_context} but the conditioning produces "
@@ -94,6 +96,8 @@ class DiffusionModule(StepCountingModule):
         self.loss = DenoisingLoss(schedule, prediction, loss_type, min_snr_gamma)
         self.lr, self.weight_decay, self.adam_betas, self.warmup_steps = lr, weight_decay, tuple(adam_betas), warmup_steps
         self.scale_estimation_batches = scale_estimation_batches
+        if cache_latents is None:  # cache unless the conditions are drawn from the pixels every step
+            cache_latents = not self.conditioner.pair_makers()
         self.cache_latents, self.cache_dir = cache_latents, cache_dir
         self.sampling = SamplerSettings.from_config(sampling)
         self.image_log_every, self.num_log_images = image_log_every, num_log_images
@@ -119,12 +123,33 @@ class DiffusionModule(StepCountingModule):
     def num_classes(self) -> Optional[int]:
         return self.conditioner.num_classes
 
+    @property
+    def image_task(self) -> Optional[str]:
+        """"super_resolution" or "inpainting" for a model conditioned on an image, else None."""
+        if self.conditioner.embedder("low_res") is not None:
+            return "super_resolution"
+        return "inpainting" if self.conditioner.embedder("inpainting") is not None else None
+
+    def wrap_data(self, datamodule):
+        """The data this module trains on: image data as configured, wrapped to serve cached latents
+        (``cache_latents``) or the pairs an image condition trains on (super-resolution, inpainting)."""
+        makers = self.conditioner.pair_makers()
+        if makers and self.cache_latents:
+            raise ConfigError(f"module.cache_latents=true cannot train {self.image_task.replace('_', '-')}: its "
+                              "conditions are drawn afresh from the pixels every step (set module.cache_latents=false)")
+        if makers:
+            return ImagePairs(datamodule, makers)
+        return CachedLatents(datamodule, self.cache_dir) if self.cache_latents else datamodule
+
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and self.cache_latents and not isinstance(datamodule, CachedLatents):
             raise ConfigError("module.cache_latents=true, but the data is not wrapped: train with "
-                              "datamodule=lightning_ldm.latent.cache.CachedLatents(data) (the command line does this)")
+                              "datamodule=module.wrap_data(data) (the command line does this)")
+        if stage == "fit" and self.image_task and not isinstance(datamodule, ImagePairs):
+            raise ConfigError(f"{self.image_task.replace('_', '-')} trains on pairs made from the images: train with "
+                              "datamodule=module.wrap_data(data) (the command line does this)")
         if stage == "fit" and not self._accelerated:
             self._accelerated = True
             self.channels_last = training_on_gpu(self.trainer)
@@ -265,10 +290,15 @@ class DiffusionModule(StepCountingModule):
         generator = torch.Generator(device=z0.device).manual_seed(1000 + batch_idx)
         loss = self.loss(averaged["unet"], z0, cond, generator=generator)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=z0.shape[0])
+        if batch_idx == 0 and self.image_task:  # the grid's inputs: validation's pairs are fixed, so is the grid
+            keys = ("image", "low_res", "mask", "label", "caption")
+            self._grid_batch = {k: batch[k][:self.num_log_images] for k in keys if k in batch}
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self.trainer.is_global_zero or not self.num_log_images:
             return
+        if self.image_task:
+            return self._log_image_task_grid()
         generator = torch.Generator(device=self.device).manual_seed(0)  # same noise every time: comparable grids
         labels = prompts = None
         if self.num_classes:
@@ -282,6 +312,29 @@ class DiffusionModule(StepCountingModule):
         log_image_grid(self.trainer, "val/samples", images, nrow=nrow, step=self.batch_step, caption=caption)
         if prompts:
             log_prompt_table(self.trainer, "val/prompts", images, prompts, step=self.batch_step)
+
+    def _log_image_task_grid(self) -> None:
+        """Each fixed validation pair as a row: the input, the output, the target."""
+        batch = getattr(self, "_grid_batch", None)
+        if batch is None:
+            return
+        target = batch["image"].to(self.device, torch.float32)
+        n = target.shape[0]
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        labels = batch["label"].to(self.device) if self.num_classes and "label" in batch else None
+        prompts = list(batch["caption"]) if self.conditioner.reads_text and "caption" in batch else None
+        if self.image_task == "super_resolution":
+            low_res = batch["low_res"].to(self.device, torch.float32)
+            output, spec = self.generate(n, labels=labels, prompts=prompts, generator=generator, low_res=low_res)
+            shown_input = F.interpolate(low_res, size=target.shape[-2:], mode="nearest")
+        else:
+            keep = 1 - batch["mask"].to(self.device, torch.float32)
+            output, spec = self.generate(n, labels=labels, prompts=prompts, generator=generator, image=target,
+                                         keep=keep)
+            shown_input = target * keep  # the generated region grey
+        rows = torch.stack([shown_input, output, target], dim=1).flatten(0, 1)
+        caption = f"input | output | target; EMA, {spec.name} {spec.steps} steps"
+        log_image_grid(self.trainer, "val/samples", rows, nrow=3, step=self.batch_step, caption=caption)
 
     # ----------------------------------------------------------------------------------------- sampling
     def prepare_for_sampling(self, compile: bool) -> None:
@@ -299,30 +352,39 @@ class DiffusionModule(StepCountingModule):
                  sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
                  guidance_scale: Optional[float] = None, use_ema: bool = True, progress: bool = False,
                  x_T: Optional[torch.Tensor] = None, image: Optional[torch.Tensor] = None, strength: float = 1.0,
-                 keep: Optional[torch.Tensor] = None):
+                 keep: Optional[torch.Tensor] = None, low_res: Optional[torch.Tensor] = None):
         """n images in [-1, 1] (float32) and the sampler's spec. Class labels default to random classes; a
         text-conditioned model needs ``prompts`` (n of them); ``negative_prompt`` replaces the empty caption of
         guidance's unconditional branch.
 
         From an input ``image`` (n, C, H, W) in [-1, 1], any model: ``strength`` < 1 is image-to-image (SDEdit,
-        from its latents noised part of the way), and ``keep`` (n, 1, H, W), 1 where the input stays, inpaints by
-        replacement in latent space; the kept pixels of the result are the input's exactly."""
+        from its latents noised part of the way), and ``keep`` (n, 1, H, W), 1 where the input stays, inpaints:
+        a model trained to inpaint is conditioned on the masked image; any other model by replacing the known
+        latents at every step. Either way the kept pixels of the result are the input's exactly. A
+        super-resolution model reads ``low_res`` (n, C, h, w) and makes images ``factor`` times larger."""
         settings = self.sampling
         networks = self.ema.model if use_ema else self.trained_networks()
         conditioner, net = networks["conditioner"], networks["unet"]
-        inputs, negative = self._condition_inputs(conditioner, n, labels, prompts, negative_prompt, generator)
+        inputs, negative = self._condition_inputs(conditioner, n, labels, prompts, negative_prompt, generator,
+                                                  image=image, keep=keep, low_res=low_res)
         cond, uncond = conditioner.guidance_inputs(inputs, self.device, negative) if inputs else ({}, {})
         scale = settings.guidance_scale if guidance_scale is None else guidance_scale
         denoise = make_denoiser(guided_model_fn(net, cond, uncond, scale), self.schedule, self.prediction)
         from_image = None
+        channels, factor = self.first_stage.latent_channels, self.first_stage.downsampling_factor
         if image is not None:
             image = image.to(self.device, torch.float32)
-            factor = self.first_stage.downsampling_factor
-            shape = (n, self.first_stage.latent_channels, image.shape[-2] // factor, image.shape[-1] // factor)
-            latent_keep = None if keep is None else latent_keep_mask(keep.to(self.device, torch.float32), factor)
-            from_image = FromImage(self.first_stage.encode_mean(image), strength, latent_keep)
+            shape = (n, channels, image.shape[-2] // factor, image.shape[-1] // factor)
+            # A trained inpainting model is told what to keep; replacement is for models that were not.
+            replace = keep is not None and self.image_task != "inpainting"
+            latent_keep = latent_keep_mask(keep.to(self.device, torch.float32), factor) if replace else None
+            if strength < 1 or replace:
+                from_image = FromImage(self.first_stage.encode_mean(image), strength, latent_keep)
+        elif low_res is not None:
+            embedder = conditioner.embedder("low_res")
+            shape = (n, channels, embedder.latent_size(low_res.shape[-2]), embedder.latent_size(low_res.shape[-1]))
         else:
-            shape = (n, self.first_stage.latent_channels, self.latent_size, self.latent_size)
+            shape = (n, channels, self.latent_size, self.latent_size)
         z, spec = sample(sampler or settings.sampler, denoise, self.schedule, shape,
                          steps=steps or settings.steps, eta=settings.eta if eta is None else eta,
                          generator=generator, device=self.device, x_T=x_T, progress=progress, image=from_image)
@@ -332,9 +394,24 @@ class DiffusionModule(StepCountingModule):
             images = keep * image.to(images.dtype) + (1 - keep) * images
         return images, spec
 
-    def _condition_inputs(self, conditioner: Conditioner, n: int, labels, prompts, negative_prompt, generator):
+    def _condition_inputs(self, conditioner: Conditioner, n: int, labels, prompts, negative_prompt, generator, *,
+                          image=None, keep=None, low_res=None):
         inputs, negative = {}, {}
+        task = self.image_task
+        if low_res is not None and task != "super_resolution":
+            raise ConfigError(f"this model ({self.describe_conditioning()}) was not trained to super-resolve: "
+                              "train one with conditioning=super_resolution")
         for name, embedder in conditioner.embedders.items():
+            if embedder.kind == "low_res":
+                if low_res is None:
+                    raise ConfigError("this model super-resolves: give low-resolution input images (sample.images=...)")
+                inputs[name] = low_res.to(self.device)
+                continue
+            if embedder.kind == "inpainting":
+                if image is None or keep is None:
+                    raise ConfigError("this model inpaints: give images and masks (sample.images=... sample.masks=...)")
+                inputs[name] = {"image": image.to(self.device), "mask": 1 - keep.to(self.device, image.dtype)}
+                continue
             if embedder.kind == "class":
                 if labels is None:
                     labels = torch.randint(0, embedder.num_classes, (n,), device=self.device, generator=generator)
@@ -351,6 +428,10 @@ class DiffusionModule(StepCountingModule):
         if prompts is not None and not conditioner.reads_text:
             raise ConfigError("prompts were given but this model is not text-conditioned")
         return inputs, negative
+
+    def describe_conditioning(self) -> str:
+        kinds = [e.kind for e in self.conditioner.embedders.values()]
+        return "conditioned on " + ", ".join(kinds) if kinds else "unconditional"
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ldm import atomic
-from lightning_ldm.latent.cache import CachedLatents
 from lightning_ldm.data.synthetic import SyntheticDataModule
 from lightning_ldm.errors import ConfigError, MissingWeightsError
 
@@ -157,8 +156,7 @@ def _fit(module_factory, data: SyntheticDataModule, trainer_options: dict, callb
     trainer = L.Trainer(**trainer_options, callbacks=callbacks, default_root_dir=str(root), max_steps=-1,
                         max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module, datamodule=CachedLatents(data, module.cache_dir) if getattr(module, "cache_latents", False)
-                else data)
+    trainer.fit(module, datamodule=module.wrap_data(data) if hasattr(module, "wrap_data") else data)
     return module
 
 

@@ -1,6 +1,8 @@
 """``stage=evaluate``: the numbers of a finished model, with everything needed to reproduce them.
 
-A stage-2 checkpoint (``.ckpt`` or the EMA export ``.safetensors``): FID from ``num_samples`` samples (50k, the
+A stage-2 checkpoint of a super-resolution or inpainting model: its numbers against the trivial baseline's on
+the data's fixed validation pairs (``evaluate_image_tasks.py``). Any other stage-2 checkpoint (``.ckpt`` or the
+EMA export ``.safetensors``): FID from ``num_samples`` samples (50k, the
 paper's protocol) against statistics of the *training* images of the ``data`` group (``reference_split: train``,
 the usual convention) or of its held-out validation images (``reference_split: val``), plus KID, Inception Score
 and precision/recall. The metric names do not carry the split; the printed lines and the report do. A stage-1
@@ -104,6 +106,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if grid is not None:
         save_png(grid, run_dir / "grid.png")
     against = f" (against the {details['reference_split']} split)" if "reference_split" in details else ""
+    if "task" in details:
+        against = f" (against the {details['split']} split's images)"
     for key, value in metrics.items():
         shown = f"{key} = {value:.6g}" if isinstance(value, float) else f"{key} = {value}"
         print(shown + (against if key.startswith(f"{extractor.label}@") else ""))
@@ -116,6 +120,8 @@ def _tag(kind: str, details: dict) -> str:
     if kind == "autoencoder":
         return f"{details['split']}{n}"
     s = details["sampling"]
+    if "task" in details:
+        return f"{details['task']}-{details['split']}{n}-{s.get('name')}{s.get('steps')}-seed{details['seeds'][0]}"
     weights = "ema" if s["use_ema"] else "raw"
     reference = "" if details["reference_split"] == "train" else f"-ref{details['reference_split']}"
     return (f"{n}-{s.get('name')}{s.get('steps')}-eta{s.get('eta')}-cfg{s.get('guidance_scale')}-{weights}"
@@ -134,6 +140,10 @@ def _evaluate_diffusion(options, ckpt, fabric, extractor, datamodule, cache_dir)
 
     module = load_diffusion_model(str(ckpt)).to(fabric.device).eval()
     _check_data(datamodule, module.image_size, module.first_stage.image_channels, "model")
+    if module.image_task or options.get("task"):
+        from lightning_ldm.tasks.evaluate_image_tasks import evaluate_image_task
+
+        return evaluate_image_task(options, module, fabric, extractor, datamodule)
     wanted = set(options.metrics)
     reference = load_or_compute_reference(
         split_view(datamodule, options.reference_split, "evaluate.reference_split"), identity=datamodule.identity(),

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from lightning_ldm.diffusion.checkpoint import load_diffusion_model, newest_checkpoint
 from lightning_ldm.diffusion.image_inputs import read_input_images
 from lightning_ldm.diffusion.seeds import initial_noise, labels_for, prompts_for, read_prompts
-from lightning_ldm.errors import CheckpointError, ConfigError
+from lightning_ldm.errors import CheckpointError, ConfigError, DataError
 from lightning_ldm.atomic import atomic_path
 from lightning_ldm.tasks.run_dir import record_run
 from lightning_ldm.tasks.run_lock import holds_run_lock
@@ -132,17 +132,41 @@ def sample(cfg: DictConfig) -> None:
             print(f"Wrote {len(seeds)} samples to {out_dir} and a grid to {grid}")
 
 
+def check_image_task(module, masks: bool, strength: float) -> None:
+    """One line when the inputs do not suit the model: what each kind of model does with input images."""
+    task = module.image_task
+    if task == "super_resolution" and (masks or strength != 1.0):
+        raise ConfigError("this model super-resolves its input images: sample.masks and sample.strength do not apply")
+    if task == "inpainting" and not masks:
+        raise ConfigError("this model inpaints: give a mask per image (sample.masks=<folder or zip>, white = generate)")
+    if task is None and not masks and strength == 1.0:
+        raise ConfigError(f"this model is {module.describe_conditioning()}: with sample.images it can do image-to-image "
+                          "(sample.strength < 1) or inpainting by replacement (sample.masks=...), not super-resolution "
+                          "(train a model with conditioning=super_resolution)")
+
+
 def sample_from_images(cfg: DictConfig, fabric: Fabric, module, out_dir: Path, prompt_pool) -> None:
-    """One output per input image, named as the input: image-to-image at ``sample.strength`` and, with
-    ``sample.masks``, inpainting by replacement (any model). Input i has seed ``seed_start + i`` and the i-th
-    class or prompt, as generated images do."""
+    """One output per input image, named as the input: super-resolution for a model trained for it; else
+    image-to-image at ``sample.strength`` and, with ``sample.masks``, inpainting (conditioned for a model
+    trained to inpaint, by replacement for any other). Input i has seed ``seed_start + i`` and the i-th class or
+    prompt, as generated images do."""
     options = cfg.sample
+    check_image_task(module, bool(options.get("masks")), options.strength)
+    factor = module.first_stage.downsampling_factor
+    super_resolution = module.image_task == "super_resolution"
     inputs = read_input_images(options.images, options.get("masks"), channels=module.first_stage.image_channels,
-                               factor=module.first_stage.downsampling_factor)
+                               factor=1 if super_resolution else factor)
     seeds = list(range(options.seed_start, options.seed_start + len(inputs.names)))
     prompts_for(seeds[:1], prompt_pool, module.conditioner.reads_text)
-    factor = module.first_stage.downsampling_factor
-    shape = (module.first_stage.latent_channels, inputs.pixels.shape[-2] // factor, inputs.pixels.shape[-1] // factor)
+    if super_resolution:
+        embedder = module.conditioner.embedder("low_res")
+        try:
+            shape = (module.first_stage.latent_channels, embedder.latent_size(inputs.pixels.shape[-2]),
+                     embedder.latent_size(inputs.pixels.shape[-1]))
+        except DataError as error:
+            raise DataError(f"sample.images: {error}") from None
+    else:
+        shape = (module.first_stage.latent_channels, inputs.pixels.shape[-2] // factor, inputs.pixels.shape[-1] // factor)
     mine = list(range(len(seeds)))[fabric.global_rank::fabric.world_size]
     outputs: dict[int, torch.Tensor] = {}
     for start in tqdm(range(0, len(mine), options.batch_size), desc="sampling from images",
@@ -158,8 +182,9 @@ def sample_from_images(cfg: DictConfig, fabric: Fabric, module, out_dir: Path, p
                 negative_prompt=options.get("negative_prompt"),
                 generator=torch.Generator(device=fabric.device).manual_seed(batch[0]), sampler=options.sampler,
                 steps=options.steps, eta=options.eta, guidance_scale=options.guidance_scale, use_ema=options.use_ema,
-                x_T=initial_noise(batch, shape).to(fabric.device), image=inputs.pixels[rows],
-                strength=options.strength, keep=keep)
+                x_T=initial_noise(batch, shape).to(fabric.device),
+                **({"low_res": inputs.pixels[rows]} if super_resolution else
+                   {"image": inputs.pixels[rows], "strength": options.strength, "keep": keep}))
         for row, image in zip(rows, to_uint8(images)):
             path = out_dir / inputs.names[row]
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +194,11 @@ def sample_from_images(cfg: DictConfig, fabric: Fabric, module, out_dir: Path, p
     if fabric.is_global_zero and outputs:
         # Input above output, column by column: what was asked and what came back.
         shown = sorted(outputs)[:max(1, options.grid_size // 2)]
-        pairs = [t for row in shown for t in (to_uint8(inputs.pixels[row:row + 1])[0], outputs[row])]
+        size = outputs[shown[0]].shape[-2:]  # a low-resolution input is shown at the output's size
+        pairs = [t for row in shown for t in (
+            to_uint8(torch.nn.functional.interpolate(inputs.pixels[row:row + 1], size=size, mode="nearest"))[0],
+            outputs[row])]
         grid = save_png(make_grid(torch.stack(pairs), 2), Path(cfg.paths.run_dir) / "grid.png")
-        print(f"Wrote {len(inputs.names)} images to {out_dir} (strength {options.strength}"
-              f"{', inpainted' if inputs.keep is not None else ''}) and input/output pairs to {grid}")
+        what = ("super-resolved" if super_resolution else "inpainted" if inputs.keep is not None
+                else f"strength {options.strength}")
+        print(f"Wrote {len(inputs.names)} images to {out_dir} ({what}) and input/output pairs to {grid}")

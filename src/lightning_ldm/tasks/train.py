@@ -13,7 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_ldm.callbacks.run_record import RunRecord
 from lightning_ldm.errors import ConfigError, RunInterrupted
-from lightning_ldm.latent.cache import CachedLatents
 from lightning_ldm.tasks.resume import ResumePlan, plan_resume, resume_checkpoint
 from lightning_ldm.tasks.run_dir import record_event
 from lightning_ldm.tasks.run_lock import holds_run_lock
@@ -60,8 +59,8 @@ def fit(cfg: DictConfig) -> Optional[float]:
         cfg.autoencoder.path = ckpt_path
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
-    if getattr(module, "cache_latents", False):
-        datamodule = CachedLatents(datamodule, module.cache_dir)
+    if hasattr(module, "wrap_data"):
+        datamodule = module.wrap_data(datamodule)
     trainer = build_trainer(cfg, run_dir, extra_callbacks=(RunRecord(cfg, resolved, resume),))
     for logger in trainer.loggers:  # the full resolved config beside every run's metrics
         if resume is not None and hasattr(logger, "resume_at"):

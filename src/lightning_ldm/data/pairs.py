@@ -1,0 +1,137 @@
+"""Training pairs for image-conditioned models, made on the fly from any image data: each item of the image data
+gains what its condition is made of (``low_res`` for super-resolution, ``mask`` for inpainting), drawn per item
+from the full-resolution image it already holds.
+
+Training draws afresh each time an item is read (torch's RNG, seeded per DataLoader worker as the flips are), so
+a model never sees the same degradation or mask twice. Validation draws from a generator seeded by the item's
+position, so every validation pass (and ``stage=evaluate``) sees the same fixed pairs.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_ldm.data.degradations import inpainting_masks, low_resolution
+from lightning_ldm.errors import ConfigError, DataError
+
+MASK_KINDS = ("box", "strokes", "mixed")
+
+
+class PairMaker(Protocol):
+    def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator]) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class SuperResolutionPairs:
+    """``low_res``: the image downsampled by ``factor`` (area or antialiased bicubic), optionally degraded (blur
+    before, noise and JPEG after the downsampling; each strength drawn per image within its (low, high) range)."""
+
+    factor: int
+    downsampling: str = "bicubic"
+    blur_sigma: Optional[tuple[float, float]] = None
+    noise_std: Optional[tuple[float, float]] = None
+    jpeg_quality: Optional[tuple[int, int]] = None
+
+    def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator]) -> dict[str, torch.Tensor]:
+        low = low_resolution(image[None], self.factor, mode=self.downsampling, blur_sigma=self.blur_sigma,
+                             noise_std=self.noise_std, jpeg_quality=self.jpeg_quality, generator=generator)
+        return {"low_res": low[0]}
+
+
+@dataclass(frozen=True)
+class InpaintingPairs:
+    """``mask`` (1, H, W), 1 = generated: a rectangle, free-form strokes, or either at random (``mixed``)."""
+
+    masks: str = "mixed"
+
+    def __post_init__(self) -> None:
+        if self.masks not in MASK_KINDS:
+            raise ConfigError(f"inpainting masks must be one of {', '.join(MASK_KINDS)}, got {self.masks!r}")
+
+    def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator]) -> dict[str, torch.Tensor]:
+        if image.shape[-1] != image.shape[-2]:
+            raise DataError(f"inpainting masks are drawn on square images, got {image.shape[-1]}x{image.shape[-2]}")
+        kind = self.masks
+        if kind == "mixed":
+            kind = "box" if torch.rand((), generator=generator) < 0.5 else "strokes"
+        return {"mask": inpainting_masks(1, image.shape[-1], kind, generator=generator)[0]}
+
+
+def fixed_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of validation item ``index``: the same pair every pass, independent of batch and workers."""
+    digest = hashlib.blake2b(f"pairs\0{seed}\0{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+class PairedView(Dataset):
+    """A split view whose items also carry each maker's inputs; ``fixed_seed`` set: the same pairs every pass."""
+
+    def __init__(self, view: Dataset, makers: Sequence[PairMaker], fixed_seed: Optional[int] = None) -> None:
+        self.view, self.makers, self.fixed_seed = view, list(makers), fixed_seed
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getattr__(self, name: str) -> Any:  # the view's source, indices and captions
+        view = self.__dict__.get("view")
+        if view is None:
+            raise AttributeError(name)
+        return getattr(view, name)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.view[i]
+        generator = None if self.fixed_seed is None else fixed_generator(self.fixed_seed, i)
+        for make in self.makers:
+            item.update(make(item["image"], generator))
+        return item
+
+
+class ImagePairs(L.LightningDataModule):
+    """The data side of image-conditioned training: an image data module whose loaders serve paired items
+    (``PairedView``); everything else (identity, captions, the split) is the image data's own."""
+
+    def __init__(self, images: L.LightningDataModule, makers: Sequence[PairMaker]) -> None:
+        super().__init__()
+        if not makers:
+            raise ConfigError("ImagePairs needs at least one pair maker")
+        self.images, self.makers = images, list(makers)
+
+    def __getattr__(self, name: str) -> Any:
+        images = self.__dict__.get("images")
+        if images is None:
+            raise AttributeError(name)
+        return getattr(images, name)
+
+    def prepare_data(self) -> None:
+        self.images.prepare_data()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.images.trainer = self.trainer
+        self.images.setup(stage)
+
+    def paired(self, split: str) -> PairedView:
+        """The ``train`` (fresh pairs) or ``val`` (fixed pairs) view."""
+        self.images.setup()
+        if split == "train":
+            return PairedView(self.images.train_dataset, self.makers)
+        return PairedView(self.images.val_dataset, self.makers, fixed_seed=self.images.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        self.images.train_dataloader()  # its checks (a batch larger than the split: one line)
+        return self.images.loader(self.paired("train"), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.images.loader(self.paired("val"), train=False)
+
+    def state_dict(self) -> dict:
+        return self.images.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.images.load_state_dict(state_dict)
+
+    def teardown(self, stage: str) -> None:
+        self.images.teardown(stage)
