@@ -31,7 +31,8 @@ FIRST_STAGE_OF = {"celebahq-ldm-vq-4": "vq-f4", "ffhq-ldm-vq-4": "vq-f4", "lsun_
                   "lsun_churches-ldm-kl-8": "kl-f8", "cin-ldm-vq-f8": "vq-f8", "txt2img-ldm-kl-8": "kl-f8",
                   "txt2img-digits": "txt2img-digits-autoencoder",
                   "txt2img-digits-cpu": "txt2img-digits-cpu-autoencoder",
-                  "cifar10-ldm": "cifar10-autoencoder-kl-f2", "digits-ldm": "digits-autoencoder", "cifar10-pixel": None}
+                  "cifar10-ldm": "cifar10-autoencoder-kl-f2", "digits-ldm": "digits-autoencoder", "cifar10-pixel": None,
+                  "sr-ldm-vq-4": "vq-f4", "inpainting-ldm-vq-4": "vq-f4"}
 STAGE1 = [name for name in EXPERIMENTS if name not in FIRST_STAGE_OF]
 
 
@@ -43,7 +44,7 @@ def test_the_preset_lists_are_complete():
     assert DEBUG_PRESETS == ["fast_dev_run", "limit", "overfit", "profiler", "trace"]
 
 
-ROOT_REQUIRED = set(PAPER_STAGE1 + PAPER_STAGE2) | {"txt2img-ldm-kl-8"}  # data.root: ??? (the others name theirs)
+ROOT_REQUIRED = set(PAPER_STAGE1 + PAPER_STAGE2) | {"txt2img-ldm-kl-8", "sr-ldm-vq-4", "inpainting-ldm-vq-4"}  # data.root: ??? (the others name theirs)
 
 
 def compose_preset(compose, name: str, *overrides: str):

@@ -60,8 +60,9 @@ BASE_LR, BASE_BATCH = 0.4, 512  # the recipe's peak lr at batch 512; other batch
 WARMUP_FRACTION = 5 / 24
 
 
-def build_datamodule(data: str, root: Optional[str], workers: int):
-    """The framework's data module for ``data``, from its config file, with the random flip off."""
+def build_datamodule(data: str, root: Optional[str], workers: int, image_size: Optional[int] = None):
+    """The framework's data module for ``data``, from its config file (at ``image_size`` if given), with the
+    random flip off."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -71,6 +72,8 @@ def build_datamodule(data: str, root: Optional[str], workers: int):
     cfg = OmegaConf.load(CONFIG_DIR / "data" / f"{DATASETS[data]['config']}.yaml")
     cfg.flip = False
     cfg.num_workers = workers
+    if image_size is not None:
+        cfg.image_size = image_size
     if data == "cifar10":
         cfg.root = root
         cfg.channels = 3
@@ -219,6 +222,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--data", choices=sorted(DATASETS), required=True)
     parser.add_argument("--root", default=os.environ.get("CIFAR10_ZIP", "../shared/data/cifar10-train.zip"),
                         help="cifar10: the zip (or folder) of class folders; default $CIFAR10_ZIP or the shared zip")
+    parser.add_argument("--image-size", type=int, help="the data module's image_size (default: its config's)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--width", type=int, help="channels of the first layer (64: the recipe's ResNet-9)")
@@ -262,7 +266,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     torch.backends.cudnn.benchmark = True
     started = time.perf_counter()
 
-    datamodule = build_datamodule(args.data, args.root, args.workers)
+    datamodule = build_datamodule(args.data, args.root, args.workers, args.image_size)
     train_view, heldout_view = datamodule.train_dataset, datamodule.val_dataset
     train_indices = list(range(len(train_view)))
     if args.max_train_images is not None and args.max_train_images < len(train_indices):

@@ -106,6 +106,10 @@ class ImagePairs(L.LightningDataModule):
             raise AttributeError(name)
         return getattr(images, name)
 
+    @property
+    def name(self) -> str:  # LightningDataModule's own (None) would hide the image data's
+        return self.images.name
+
     def prepare_data(self) -> None:
         self.images.prepare_data()
 

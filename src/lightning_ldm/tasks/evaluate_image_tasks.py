@@ -157,7 +157,7 @@ def evaluate_image_task(options, module, fabric, extractor, datamodule) -> tuple
                  "reference_indices(len(split), num_samples)",
         "sampling": spec.as_dict() if hasattr(spec, "as_dict") else str(spec),
         "baseline": baseline_name, "ladder": f"{', '.join(LADDER)} of the target images, same n",
-        "metrics": "PSNR/SSIM per image on [0, 1], averaged; Frechet distances to the target images' features"
+        "definitions": "PSNR/SSIM per image on [0, 1], averaged; Frechet distances to the target images' features"
                    + ("; consistency: the output downsampled as the pairs are, against the input"
                       if task == "super_resolution" else "; kept_pixels_max_change: the largest, in 8-bit levels"),
     }
