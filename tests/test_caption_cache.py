@@ -111,4 +111,4 @@ def test_the_cached_module_refuses_data_that_is_not_wrapped(tmp_path):
     module = text_module(cache_latents=True)
     with pytest.raises(Exception) as error:
         make_trainer(tmp_path / "run", 1).fit(module, datamodule=data())
-    assert_one_line(error, "module.cache_latents=true", "CachedLatents")
+    assert_one_line(error, "module.cache_latents=true", "module.wrap_data(data)")

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_ldm.data.degradations import inpainting_masks, low_resolution
+from lightning_ldm.data.wrapper import WrappedImageData
 from lightning_ldm.errors import ConfigError, DataError
 
 MASK_KINDS = ("box", "strokes", "mixed")
@@ -90,32 +91,15 @@ class PairedView(Dataset):
         return item
 
 
-class ImagePairs(L.LightningDataModule):
+class ImagePairs(WrappedImageData):
     """The data side of image-conditioned training: an image data module whose loaders serve paired items
     (``PairedView``); everything else (identity, captions, the split) is the image data's own."""
 
     def __init__(self, images: L.LightningDataModule, makers: Sequence[PairMaker]) -> None:
-        super().__init__()
+        super().__init__(images)
         if not makers:
             raise ConfigError("ImagePairs needs at least one pair maker")
-        self.images, self.makers = images, list(makers)
-
-    def __getattr__(self, name: str) -> Any:
-        images = self.__dict__.get("images")
-        if images is None:
-            raise AttributeError(name)
-        return getattr(images, name)
-
-    @property
-    def name(self) -> str:  # LightningDataModule's own (None) would hide the image data's
-        return self.images.name
-
-    def prepare_data(self) -> None:
-        self.images.prepare_data()
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        self.images.trainer = self.trainer
-        self.images.setup(stage)
+        self.makers = list(makers)
 
     def paired(self, split: str) -> PairedView:
         """The ``train`` (fresh pairs) or ``val`` (fixed pairs) view."""
@@ -130,12 +114,3 @@ class ImagePairs(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.images.loader(self.paired("val"), train=False)
-
-    def state_dict(self) -> dict:
-        return self.images.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.images.load_state_dict(state_dict)
-
-    def teardown(self, stage: str) -> None:
-        self.images.teardown(stage)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from lightning_ldm.atomic import atomic_path
 from lightning_ldm.data.base import ImageDataLoader, has_captions, pick_caption
 from lightning_ldm.data.transforms import mirror_caption
+from lightning_ldm.data.wrapper import WrappedImageData
 from lightning_ldm.errors import DataError
 
 CACHE_VERSION = 1
@@ -180,7 +181,7 @@ def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.
     return LatentDataset(cache, view, captions), path
 
 
-class CachedLatents(L.LightningDataModule):
+class CachedLatents(WrappedImageData):
     """The data side of latent caching: an image data module whose training loader serves the cached latents of
     its training split instead of its images. Everything else (the validation split, the training images that FID
     compares with, captions, identity) is the image data's own.
@@ -191,29 +192,10 @@ class CachedLatents(L.LightningDataModule):
     run directory, shared by the runs of one output root."""
 
     def __init__(self, images: L.LightningDataModule, cache_dir: Optional[str] = None) -> None:
-        super().__init__()
-        self.images = images
+        super().__init__(images)
         self.cache_dir = cache_dir
         self.path: Optional[Path] = None
         self._latents: Optional[LatentDataset] = None
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for what this wrapper lacks: the image data's attributes (image_size, identity, captions...).
-        images = self.__dict__.get("images")
-        if images is None:
-            raise AttributeError(name)
-        return getattr(images, name)
-
-    @property
-    def name(self) -> str:  # LightningDataModule's own (None) would hide the image data's
-        return self.images.name
-
-    def prepare_data(self) -> None:
-        self.images.prepare_data()
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        self.images.trainer = self.trainer
-        self.images.setup(stage)
 
     def latents(self) -> LatentDataset:
         if self._latents is None:
@@ -233,15 +215,3 @@ class CachedLatents(L.LightningDataModule):
             raise DataError(f"data.batch_size={self.images.batch_size} is larger than the {len(latents)} cached "
                             f"training latents of {self.images.name}; lower data.batch_size or add images")
         return self.images.loader(latents, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.images.val_dataloader()
-
-    def state_dict(self) -> dict:
-        return self.images.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.images.load_state_dict(state_dict)
-
-    def teardown(self, stage: str) -> None:
-        self.images.teardown(stage)
