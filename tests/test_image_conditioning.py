@@ -276,3 +276,37 @@ def test_evaluate_reports_ours_beside_the_bicubic_baseline(trained, compose, tmp
                     "data.image_size=28")
     with pytest.raises(ConfigError, match="evaluate.task=inpainting, but this checkpoint is conditioned on low_res"):
         evaluate(wrong)
+
+
+def test_masks_can_be_read_from_files_beside_the_images(tmp_path):
+    from lightning_ldm.data.folder import ImageFolderDataModule
+
+    rng = np.random.default_rng(0)
+    names = [f"{c}/{i}.png" for c in ("a", "b") for i in range(4)]
+    for name in names:
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
+        mask = np.zeros((40, 40), np.uint8)
+        column = 4 * (ord(name[0]) - ord("a")) + int(name[2])
+        mask[:, 4 * column:4 * column + 4] = 255  # a different stripe per image, so the pairing is checked
+        (tmp_path / "masks" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(tmp_path / "masks" / name.replace(".png", ".jpg"), quality=100)
+    data = ImageFolderDataModule(root=str(tmp_path / "images"), image_size=40, batch_size=2, num_workers=0,
+                                 val_fraction=0.25, flip=False, seed=0)
+    paired = ImagePairs(data, [InpaintingPairs("files", str(tmp_path / "masks"))])
+    paired.setup("fit")
+    view = paired.paired("train")
+    for i in range(len(view)):
+        key = view.source.split_keys()[view.indices[i]]
+        column = 4 * (ord(key[0]) - ord("a")) + int(key[2])
+        expected = torch.zeros(1, 40, 40)
+        expected[..., 4 * column:4 * column + 4] = 1
+        assert torch.equal(view[i]["mask"], expected), key
+    with pytest.raises(ConfigError, match="is neither a folder nor a .zip"):
+        ImagePairs(data, [InpaintingPairs("files", str(tmp_path / "nowhere"))])
+    (tmp_path / "masks/a/0.jpg").unlink()
+    from lightning_ldm.data import pairs
+
+    pairs._mask_index.cache_clear()  # listed once per process: a new listing sees the file gone
+    with pytest.raises(DataError, match="has no mask for a/0.png"):
+        [paired.paired(split)[i] for split in ("train", "val") for i in range(len(paired.paired(split)))]

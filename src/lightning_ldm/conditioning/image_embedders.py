@@ -109,9 +109,9 @@ class MaskedImageEmbedder(MapEmbedder):
 
     kind = "inpainting"
 
-    def __init__(self, *, masks: str = "mixed", drop_rate: float = 0.0) -> None:
+    def __init__(self, *, masks: str = "mixed", mask_root: Optional[str] = None, drop_rate: float = 0.0) -> None:
         super().__init__(drop_rate=drop_rate)
-        self.masks = masks
+        self.masks, self.mask_root = masks, mask_root
         self.input_key = "mask"
         self.pairs()
 
@@ -125,10 +125,10 @@ class MaskedImageEmbedder(MapEmbedder):
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "masks": self.masks, "drop_rate": self.drop_rate}
+        return {"kind": self.kind, "masks": self.masks, "mask_root": self.mask_root, "drop_rate": self.drop_rate}
 
     def pairs(self) -> InpaintingPairs:
-        return InpaintingPairs(self.masks)
+        return InpaintingPairs(self.masks, self.mask_root)
 
     def check_batch(self, values: Any) -> None:
         image, mask = values["image"], values["mask"]

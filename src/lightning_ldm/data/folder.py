@@ -25,6 +25,7 @@ import os
 import posixpath
 import zipfile
 from typing import Any, Literal, Optional, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,6 +114,28 @@ class ZipStore:
 
     def describe(self, member: str) -> str:
         return f"{self.path}:{member}"
+
+
+def open_store(path: str, what: str):
+    """A folder or a zip of images named by the config key ``what`` (for its error line)."""
+    root = Path(path).expanduser()
+    if root.is_dir():
+        return DirectoryStore(str(root))
+    try:
+        store = ZipStore(str(root))
+        store._zip()
+        return store
+    except (zipfile.BadZipFile, OSError):
+        raise ConfigError(f"{what}={path} is neither a folder nor a .zip of images") from None
+
+
+def read_pixels(store, member: str, mode: str) -> np.ndarray:
+    """One image of a store in PIL ``mode``, as an array; one line naming it when it cannot be decoded."""
+    try:
+        with store.open(member) as file, Image.open(file) as image:
+            return np.asarray(to_mode(image, mode))
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError and more
+        raise DataError(f"cannot decode {store.describe(member)} ({type(error).__name__})") from None
 
 
 def _is_caption_file(path: str) -> bool:

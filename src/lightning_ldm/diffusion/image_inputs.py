@@ -6,7 +6,6 @@ converted to the model's channels. A mask has the same relative path as its imag
 (>= 128) marks what is generated and black what is kept, the convention of Stable Diffusion's inpainting tools.
 """
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,10 +13,9 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from lightning_ldm.data.folder import DirectoryStore, ZipStore, to_mode
-from lightning_ldm.errors import ConfigError, DataError
+from lightning_ldm.data.folder import open_store, read_pixels
+from lightning_ldm.errors import DataError
 
 
 @dataclass
@@ -27,26 +25,6 @@ class InputImages:
     keep: Optional[torch.Tensor]  # float (N, 1, H, W): 1 where the input is kept, 0 where it is generated
 
 
-def _store(path: str, what: str):
-    root = Path(path).expanduser()
-    if root.is_dir():
-        return DirectoryStore(str(root))
-    try:
-        store = ZipStore(str(root))
-        store._zip()
-        return store
-    except (zipfile.BadZipFile, OSError):
-        raise ConfigError(f"{what}={path} is neither a folder nor a .zip of images") from None
-
-
-def _read(store, member: str, mode: str) -> np.ndarray:
-    try:
-        with store.open(member) as file, Image.open(file) as image:
-            return np.asarray(to_mode(image, mode))
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError and more
-        raise DataError(f"cannot decode {store.describe(member)} ({type(error).__name__})") from None
-
-
 def latent_keep_mask(keep: torch.Tensor, factor: int) -> torch.Tensor:
     """(N, 1, H, W) pixel mask -> latent mask: a latent is known only if every pixel it encodes is (a min-pool),
     so replacement never pastes a latent that also encodes generated pixels."""
@@ -54,12 +32,12 @@ def latent_keep_mask(keep: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def read_input_images(images: str, masks: Optional[str], *, channels: int, factor: int) -> InputImages:
-    image_store = _store(images, "sample.images")
+    image_store = open_store(images, "sample.images")
     members = sorted(member for member, _, _ in image_store.entries())
     if not members:
         raise DataError(f"sample.images={images} holds no images (png, jpg, webp, bmp)")
     mode = {1: "L", 3: "RGB"}[channels]
-    arrays = [_read(image_store, m, mode) for m in members]
+    arrays = [read_pixels(image_store, m, mode) for m in members]
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         raise DataError(f"sample.images: the images have {len(sizes)} different sizes ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))}); "
@@ -72,14 +50,14 @@ def read_input_images(images: str, masks: Optional[str], *, channels: int, facto
     pixels = pixels[:, None] if channels == 1 else pixels.permute(0, 3, 1, 2)
     keep = None
     if masks is not None:
-        mask_store = _store(masks, "sample.masks")
+        mask_store = open_store(masks, "sample.masks")
         by_stem = {Path(m).with_suffix("").as_posix(): m for m, _, _ in mask_store.entries()}
         planes = []
         for member, array in zip(members, arrays):
             mask_member = by_stem.get(Path(member).with_suffix("").as_posix())
             if mask_member is None:
                 raise DataError(f"sample.masks={masks} has no mask for {member} (same name, any image extension)")
-            plane = _read(mask_store, mask_member, "L")
+            plane = read_pixels(mask_store, mask_member, "L")
             if plane.shape != array.shape[:2]:
                 raise DataError(f"mask {mask_store.describe(mask_member)} is {plane.shape[1]}x{plane.shape[0]}, its "
                                 f"image {member} {array.shape[1]}x{array.shape[0]}")
