@@ -95,6 +95,14 @@ def test_a_resumed_text_to_image_run_matches_the_uninterrupted_one(compose, tmp_
     assert any(key.startswith("ema.model.conditioner.embedders.caption.encoder") for key in ema)
 
 
+@pytest.mark.parametrize("task", ["conditioning=super_resolution module.conditioning.low_res.factor=2 "
+                                  "module.conditioning.low_res.noise_std=[0.0,0.1]", "conditioning=inpainting"])
+def test_a_resumed_image_conditioned_run_matches_the_uninterrupted_one(compose, tmp_path, export, task):
+    """Pairs drawn afresh every step (degradations, masks) come back as the uninterrupted run drew them."""
+    _matches_uninterrupted(lambda name, steps: _run(compose, tmp_path, export, name, steps, "data.image_size=28",
+                                                    *task.split()))
+
+
 def _steps(metrics: Path) -> list[int]:
     return [int(row["step"]) for row in csv.DictReader(open(metrics)) if row.get("train/loss")]
 
