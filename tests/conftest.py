@@ -14,6 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory):
+    """Folder indexes (and anything else kept under $LIGHTNING_LDM_CACHE) go to a temporary folder, not ~/.cache;
+    set in the environment, so the command-line runs of the tests inherit it."""
+    os.environ["LIGHTNING_LDM_CACHE"] = str(tmp_path_factory.mktemp("lightning_ldm_cache"))
+
+
 @pytest.fixture
 def compose(tmp_path):
     """Compose the real config tree through Hydra's compose API, as the entry point would."""

@@ -104,9 +104,10 @@ def test_corrupt_image_names_the_file(tmp_path):
     for index in range(4):
         Image.new("RGB", (40, 36), (index * 40, 10, 10)).save(folder / f"{index}.png")
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
-    result = run_cli("stage=autoencoder", "data=folder", f"data.root={tmp_path / 'images'}", "data.num_workers=0",
-                     "trainer=cpu", "logger=none", cwd=tmp_path)
-    assert_one_line_error(result, "broken.png")
+    for check in ("data.verify=true", "data.verify=false"):  # before training, or when it is read
+        result = run_cli("stage=autoencoder", "data=folder", f"data.root={tmp_path / 'images'}", "data.num_workers=0",
+                         "data.batch_size=2", "data.val_fraction=0", "trainer=cpu", "logger=none", check, cwd=tmp_path)
+        assert_one_line_error(result, "broken.png")
 
 
 def test_image_size_not_divisible_by_f_is_refused(tmp_path):

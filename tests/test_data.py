@@ -274,15 +274,43 @@ def test_images_next_to_class_folders_are_rejected(tree):
 def test_corrupt_image_is_named_or_skipped(tree, tmp_path, capsys):
     (tree / "cats/x.png").write_bytes(b"this is not a png at all")
     with pytest.raises(DataError, match=r"corrupt image .*cats/x\.png.*on_corrupt=skip") as caught:
-        ImageFolderDataModule(root=str(tree)).setup()
+        ImageFolderDataModule(root=str(tree), verify=True).setup()
     assert "\n" not in str(caught.value)
     archive = _zip(tree, tmp_path / "archive.zip")
     with pytest.raises(DataError, match=r"archive\.zip:wrap/cats/x\.png"):
-        ImageFolderDataModule(root=str(archive)).setup()
-    dm = ImageFolderDataModule(root=str(archive), on_corrupt="skip", val_fraction=0.25)
+        ImageFolderDataModule(root=str(archive), verify=True).setup()
+    dm = ImageFolderDataModule(root=str(archive), on_corrupt="skip", val_fraction=0.25, verify=True)
     dm.setup()
     assert "skipped 1 corrupt images (first: " in capsys.readouterr().out
     assert len(dm.train_dataset) + len(dm.val_dataset) == 8
+
+
+def test_without_verification_a_corrupt_image_is_met_when_read(tree):
+    (tree / "cats/x.png").write_bytes(b"this is not a png at all")
+    dm = ImageFolderDataModule(root=str(tree), val_fraction=0.0, flip=False)  # verify is off by default
+    dm.setup()
+    broken = dm.train_dataset.source.keys.index("cats/x.png")
+    with pytest.raises(DataError, match=r"cannot decode image .*cats/x\.png"):
+        dm.train_dataset[broken]
+
+
+def test_a_folder_is_listed_once_and_listed_again_when_it_changes(tree, monkeypatch):
+    from lightning_ldm.data import folder_index
+
+    first = ImageFolderDataModule(root=str(tree))
+    first.setup()
+    assert folder_index.index_path(str(tree)).is_file()
+    walks = []
+    walk = folder_index._walk
+    monkeypatch.setattr(folder_index, "_walk", lambda root: walks.append(root) or walk(root))
+    again = ImageFolderDataModule(root=str(tree))
+    again.setup()
+    assert walks == [] and again.identity() == first.identity()  # from the index: no walk, the same fingerprint
+    _save(tree / "dogs/new.png", _random("RGB", (8, 8), 5))
+    changed = ImageFolderDataModule(root=str(tree))
+    changed.setup()
+    assert walks == [str(tree)] and changed.identity()["num_images"] == first.identity()["num_images"] + 1
+    assert changed.identity()["listing_sha1"] != first.identity()["listing_sha1"]
 
 
 def _truncated_jpeg(path):

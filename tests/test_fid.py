@@ -406,3 +406,23 @@ def test_fid_yaml_takes_a_typed_reference_split(compose, pixels):
     assert instantiate(cfg.callbacks.fid).reference_split == "val"
     with pytest.raises(ConfigError, match="callbacks.fid.reference_split"):
         validate_config(compose("stage=diffusion", "callbacks=fid", *extractor, "callbacks.fid.reference_split=test"))
+
+
+def test_streaming_moments_equal_the_statistics_of_all_features():
+    from lightning_ldm.metrics.frechet import GaussianStatistics, frechet_distance
+    from lightning_ldm.metrics.moments import FeatureMoments
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.rand(300, 16, generator=generator) * 3 + 5  # a large mean: the subtraction is exercised
+    moments = FeatureMoments(16, torch.device("cpu"))
+    for chunk in features.split(37):
+        moments.update(chunk)
+    streamed, exact = moments.all_reduced().statistics(), GaussianStatistics.from_features(features)
+    assert streamed.n == 300
+    torch.testing.assert_close(streamed.mu, exact.mu, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(streamed.sigma, torch.from_numpy(np.cov(features.double().numpy(), rowvar=False)),
+                               rtol=1e-10, atol=1e-12)
+    other = GaussianStatistics.from_features(torch.rand(200, 16, generator=generator) * 3 + 5.2)
+    assert frechet_distance(streamed, other) == pytest.approx(frechet_distance(exact, other), rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        FeatureMoments(16, torch.device("cpu")).statistics()

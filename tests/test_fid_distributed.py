@@ -35,6 +35,9 @@ def measure(root: Path, cache: Path) -> dict:
     reference = load_or_compute_reference(unflipped(data.train_dataset), identity=data.identity(),
                                           extractor=extractor, cache_dir=cache, batch_size=4, keep_features=True,
                                           log=lambda message: None)
+    # FD alone: statistics by streaming moments, each rank its block, never a feature gathered.
+    streamed = load_or_compute_reference(unflipped(data.train_dataset), identity=data.identity(), extractor=extractor,
+                                         cache_dir=cache / "streamed", batch_size=4, log=lambda message: None)
     images = torch.load(root / "samples.pt")
     generated = generated_features(StubDiffusion(images), extractor, num_samples=NUM_SAMPLES, seed_start=0,
                                    settings=SamplingSettings(), batch_size=3)
@@ -42,7 +45,7 @@ def measure(root: Path, cache: Path) -> dict:
         return {"reference": None, "features": generated.features}
     metrics = distribution_metrics(generated.features, reference, label=extractor.label, extra=("kid", "prc"),
                                    kid_subset_size=8)
-    return {"reference": reference.statistics, "reference_features": reference.features,
+    return {"reference": reference.statistics, "reference_features": reference.features, "streamed": streamed.statistics,
             "features": generated.features, "metrics": metrics, "reused": reference.reused}
 
 
@@ -112,6 +115,10 @@ def test_two_processes_give_the_single_process_result(setup_root):
     assert rank0["features"].shape[0] == NUM_SAMPLES
     assert torch.equal(rank0["reference_features"], single["reference_features"])
     assert torch.allclose(rank0["reference"].sigma, single["reference"].sigma, rtol=1e-12, atol=0)
+    for statistics in (rank0["streamed"], single["streamed"]):  # moments over 1 or 2 ranks = the gathered features'
+        assert statistics.n == NUM_REFERENCE
+        torch.testing.assert_close(statistics.mu, single["reference"].mu, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(statistics.sigma, single["reference"].sigma, rtol=1e-10, atol=1e-12)
     for key, value in single["metrics"].items():
         assert rank0["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     assert single["metrics"]["fd-pixels@11"] > 1e-3

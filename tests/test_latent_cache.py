@@ -79,6 +79,8 @@ def test_cache_contents_match_encoding_the_training_images(tmp_path):
                                             is_global_zero=True, barrier=no_barrier)
     assert again_path == path and path.stat().st_mtime_ns == mtime
     assert torch.equal(again.mean, dataset.mean)
+    # Mapped, not read into private memory: the file is among the process's mappings.
+    assert str(path.resolve()) in open("/proc/self/maps").read()
 
 
 def test_the_cache_is_encoded_through_the_datas_loader_workers_in_order(tmp_path, monkeypatch):

@@ -147,8 +147,10 @@ def cached_caption_embedder(conditioner) -> Optional[Any]:
     return readers[0] if len(readers) == 1 and readers[0].cache_identity() is not None else None
 
 
-def _load_or_build(path: Path, build, what: str, *, is_global_zero: bool, barrier, mmap: bool = False) -> Any:
-    """Rank 0 builds the file if it is missing (atomically); every rank then loads the same file."""
+def _load_or_build(path: Path, build, what: str, *, is_global_zero: bool, barrier) -> Any:
+    """Rank 0 builds the file if it is missing (atomically); every rank then maps the same file into memory:
+    pages are read on first use and shared by every process of the machine (its ranks and their loader
+    workers) through the page cache, so no rank holds a private copy of the whole cache."""
     if is_global_zero and not path.is_file():
         print(f"Latent cache: encoding {what} -> {path}")
         with atomic_path(path) as tmp:
@@ -156,7 +158,7 @@ def _load_or_build(path: Path, build, what: str, *, is_global_zero: bool, barrie
     elif is_global_zero:
         print(f"Latent cache: reusing {path}")
     barrier()
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.device, *,
@@ -174,10 +176,9 @@ def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.
     captions = None
     if caption_embedder is not None and has_captions(view.source):
         key = cache_key({"captions": caption_embedder.cache_identity()}, data_identity)
-        # Memory-mapped: a frozen encoder's outputs (77 x 768 halves per caption) can outgrow the host's memory.
         captions = _load_or_build(Path(cache_dir) / f"captions-{key}.pt",
                                   lambda: encode_captions(caption_embedder, view, device), "the training captions",
-                                  is_global_zero=is_global_zero, barrier=barrier, mmap=True)
+                                  is_global_zero=is_global_zero, barrier=barrier)
     return LatentDataset(cache, view, captions), path
 
 

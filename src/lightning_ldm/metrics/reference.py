@@ -21,13 +21,16 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from lightning_ldm.atomic import atomic_path
 from lightning_ldm.errors import ConfigError
-from lightning_ldm.distributed import broadcast_object, gather_rows, rank_and_world, shard
+from lightning_ldm.distributed import all_reduce, broadcast_object, gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import FeatureExtractor
 from lightning_ldm.metrics.frechet import GaussianStatistics
+from lightning_ldm.metrics.moments import FeatureMoments
 
 CACHE_VERSION = 1
 SUBSET_SEED = 0
@@ -107,6 +110,26 @@ def dataset_features(dataset: Dataset, indices: list[int], extractor: FeatureExt
     return gather_rows(local)
 
 
+@torch.no_grad()
+def streamed_statistics(dataset: Dataset, indices: list[int], extractor: FeatureExtractor, batch_size: int,
+                        num_workers: int = 0) -> Optional[GaussianStatistics]:
+    """Statistics of ``dataset[indices]`` by streaming moments: each rank its block, sums all-reduced; on rank 0
+    (None elsewhere)."""
+    rank, world = rank_and_world()
+    mine = [indices[i] for i in shard(len(indices), rank, world)]
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    moments = None
+    for batch in tqdm(loader, desc="reference features", disable=rank != 0, leave=False):
+        features = extractor(batch["image"].to(extractor.device))["features"]
+        moments = moments or FeatureMoments(features.shape[1], features.device)
+        moments.update(features)
+    # A rank with no images (fewer images than ranks) still joins the collective, at the others' width.
+    width = all_reduce(torch.tensor([0 if moments is None else moments.total.shape[0]]), dist.ReduceOp.MAX,
+                       extractor.device)
+    reduced = (moments or FeatureMoments(int(width), extractor.device)).all_reduced()
+    return reduced.statistics() if rank == 0 else None
+
+
 def load_or_compute_reference(dataset: Dataset, *, identity: dict, extractor: FeatureExtractor, cache_dir: Path,
                               split: str = "train", count: Optional[int] = None, batch_size: int = 64,
                               keep_features: bool = False, num_workers: int = 0,
@@ -123,12 +146,16 @@ def load_or_compute_reference(dataset: Dataset, *, identity: dict, extractor: Fe
         return cached
     if rank == 0:
         log(f"Reference statistics: extracting {extractor.label} features of {len(indices)} {split} images -> {path}")
-    features = dataset_features(dataset, indices, extractor, batch_size, num_workers)
+    features = None
+    if keep_features:  # KID and precision/recall compare feature sets, not statistics: gather the rows
+        features = dataset_features(dataset, indices, extractor, batch_size, num_workers)
+        statistics = GaussianStatistics.from_features(features) if rank == 0 else None
+    else:
+        statistics = streamed_statistics(dataset, indices, extractor, batch_size, num_workers)
     if rank != 0:
         return None
-    statistics = GaussianStatistics.from_features(features)
     statistics.root()  # computed once here and stored, never again per evaluation
-    reference = Reference(statistics, features if keep_features else None, key, key_digest(key), path, reused=False)
+    reference = Reference(statistics, features, key, key_digest(key), path, reused=False)
     _save(reference)
     return reference
 
