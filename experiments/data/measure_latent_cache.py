@@ -8,7 +8,8 @@ The cache holds what ``encode_dataset`` writes: posterior mean and std as float1
 process builds a ``LatentDataset`` and reads one epoch's worth of STEPS batches of 256 at random. Reported from
 /proc/self/status after loading and at the end: RssAnon (memory private to the process: what each rank and each
 loader worker would hold on its own) and RssFile (pages of the mapped file: the page cache's, shared by every
-process of the machine and dropped under memory pressure), each in MiB, and the peak RSS.
+process of the machine and dropped under memory pressure), each in MiB. (Not the peak RSS: a child inherits its
+parent's high-water mark at fork, and the parent has just written the cache.)
 """
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from torch.utils.data import DataLoader
 from lightning_ldm.latent.cache import LatentDataset
 
@@ -42,8 +43,7 @@ loaded = status()
 sampler = torch.utils.data.RandomSampler(dataset, num_samples=256 * steps, generator=torch.Generator().manual_seed(0))
 for batch in DataLoader(dataset, batch_size=256, sampler=sampler):
     pass
-print(json.dumps({"start": before, "loaded": loaded, "after_reading": status(),
-                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+print(json.dumps({"start": before, "loaded": loaded, "after_reading": status()}))
 """
 
 

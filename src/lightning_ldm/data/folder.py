@@ -46,11 +46,15 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _hidden(path: str) -> bool:
+    """A name starting with "." or a ``__MACOSX`` folder anywhere in the path."""
+    path = "/" + path.replace("\\", "/")
+    return "/." in path or "/__MACOSX/" in path + "/"
+
+
+# The suffix first: a million files are listed, and most are images (or most are not captions).
 def _is_image(path: str) -> bool:
-    parts = path.split("/")
-    if any(part.startswith(".") or part == "__MACOSX" for part in parts):
-        return False
-    return path.lower().endswith(IMAGE_EXTENSIONS)
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(path)
 
 
 class DirectoryStore:
@@ -138,10 +142,8 @@ def read_pixels(store, member: str, mode: str) -> np.ndarray:
 
 
 def _is_caption_file(path: str) -> bool:
-    parts = path.replace("\\", "/").split("/")
-    if any(part.startswith(".") or part == "__MACOSX" for part in parts):
-        return False
-    return parts[-1] == "metadata.jsonl" or parts[-1].lower().endswith(".txt")
+    return (path.endswith("metadata.jsonl") and posixpath.basename(path.replace("\\", "/")) == "metadata.jsonl"
+            or path.lower().endswith(".txt")) and not _hidden(path)
 
 
 def _read_text(store, member: str) -> str:
@@ -224,34 +226,47 @@ class ImageFiles:
             ) from None
         return pixels, self.labels[index]
 
-    def _check(self, member: str) -> tuple[Optional[str], Optional[int]]:
-        """(reason it cannot be parsed or None, smaller side) of one file, from its header alone."""
+    def inspect(self, processes: int = 0) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """From the headers alone (Image.open + verify; no decoding), in ``processes`` worker processes (0: one per
+        core; parsing a header is Python work, so threads would wait on each other): (index, description) of the
+        files PIL cannot parse, and (smaller side, description) of those smaller than ``image_size``, which are
+        upscaled."""
+        from concurrent.futures import ProcessPoolExecutor
+
+        processes = processes or os.cpu_count() or 1
+        chunks = [range(start, min(start + _CHECK_CHUNK, len(self.members)))
+                  for start in range(0, len(self.members), _CHECK_CHUNK)]
+        corrupt, small = [], []
+        progress = tqdm(total=len(self.members), desc="checking images", unit=" files", leave=False, mininterval=1.0)
+        with ProcessPoolExecutor(processes) as pool:
+            for found_corrupt, found_small, done in pool.map(_check_headers, [self.store] * len(chunks),
+                                                              [[self.members[i] for i in c] for c in chunks],
+                                                              [c.start for c in chunks],
+                                                              [self.image_size] * len(chunks)):
+                corrupt += found_corrupt
+                small += found_small
+                progress.update(done)
+        progress.close()
+        return corrupt, small
+
+
+_CHECK_CHUNK = 4096  # files per task of the header check: few tasks to schedule, a steady progress bar
+
+
+def _check_headers(store, members: list[str], first_index: int, image_size: int):
+    """One chunk of ``ImageFiles.inspect``, in a worker process."""
+    corrupt, small = [], []
+    for offset, member in enumerate(members):
         try:
-            with self.store.open(member) as file, Image.open(file) as image:
+            with store.open(member) as file, Image.open(file) as image:
                 side = min(image.size)
                 image.verify()
         except Exception as error:
-            return _reason(error), None
-        return None, side
-
-    def inspect(self, threads: int = 0) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-        """From the headers alone (Image.open + verify; no decoding), on ``threads`` threads (0: 4 per core; the
-        work is mostly waiting for reads): (index, description) of the files PIL cannot parse, and (smaller side,
-        description) of those smaller than ``image_size``, which are upscaled."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        threads = threads or min(32, 4 * (os.cpu_count() or 1))
-        corrupt, small = [], []
-        with ThreadPoolExecutor(threads) as pool:
-            results = pool.map(self._check, self.members, chunksize=256)
-            for index, (problem, side) in enumerate(tqdm(results, total=len(self.members), desc="checking images",
-                                                         unit=" files", leave=False, mininterval=1.0)):
-                member = self.members[index]
-                if problem is not None:
-                    corrupt.append((index, f"{self.store.describe(member)} ({problem})"))
-                elif side < self.image_size:
-                    small.append((side, self.store.describe(member)))
-        return corrupt, small
+            corrupt.append((first_index + offset, f"{store.describe(member)} ({_reason(error)})"))
+            continue
+        if side < image_size:
+            small.append((side, store.describe(member)))
+    return corrupt, small, len(members)
 
 
 class CaptionedImageFiles(ImageFiles):
