@@ -61,13 +61,14 @@ def with_callback(monkeypatch):
     return add
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m lightning_ldm`` as a user would, offline, without W&B credentials."""
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600,
+            module: str = "lightning_ldm") -> subprocess.CompletedProcess:
+    """Run ``python -m lightning_ldm`` (or another ``module``) as a user would, offline, without W&B credentials."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     full_env.update({"WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
                      "NETRC": str(cwd / "no-netrc"), "TORCH_HOME": str(cwd / "torch-home")})
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "lightning_ldm", *args], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

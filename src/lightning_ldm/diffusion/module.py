@@ -96,9 +96,7 @@ class DiffusionModule(StepCountingModule):
         self.loss = DenoisingLoss(schedule, prediction, loss_type, min_snr_gamma)
         self.lr, self.weight_decay, self.adam_betas, self.warmup_steps = lr, weight_decay, tuple(adam_betas), warmup_steps
         self.scale_estimation_batches = scale_estimation_batches
-        if cache_latents is None:  # cache unless the conditions are drawn from the pixels every step
-            cache_latents = not self.conditioner.pair_makers()
-        self.cache_latents, self.cache_dir = cache_latents, cache_dir
+        self.cache_latents, self.cache_dir = cache_latents, cache_dir  # None: decided by wrap_data
         self.sampling = SamplerSettings.from_config(sampling)
         self.image_log_every, self.num_log_images = image_log_every, num_log_images
         self.compile_setting = compile
@@ -134,6 +132,12 @@ class DiffusionModule(StepCountingModule):
         """The data this module trains on: image data as configured, wrapped to serve cached latents
         (``cache_latents``) or the pairs an image condition trains on (super-resolution, inpainting)."""
         makers = self.conditioner.pair_makers()
+        streams = getattr(datamodule, "streams", False)
+        if self.cache_latents is None:  # cache unless conditions are drawn from the pixels each step, or streamed
+            self.cache_latents = not makers and not streams
+        if self.cache_latents and streams:
+            raise ConfigError("module.cache_latents=true: streamed shards (data=shards) cannot be cached yet; set "
+                              "module.cache_latents=false")
         if makers and self.cache_latents:
             raise ConfigError(f"module.cache_latents=true cannot train {self.image_task.replace('_', '-')}: its "
                               "conditions are drawn afresh from the pixels every step (set module.cache_latents=false)")
@@ -219,6 +223,8 @@ class DiffusionModule(StepCountingModule):
         """Each rank reads different training batches (a distributed sampler), so more ranks see more data."""
         datamodule = self.trainer.datamodule
         dataset = datamodule.latents() if isinstance(datamodule, CachedLatents) else datamodule.train_dataset
+        if isinstance(dataset, torch.utils.data.IterableDataset):  # streamed shards split across ranks themselves
+            return datamodule.train_dataloader()
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
         return DataLoader(dataset, batch_size=datamodule.batch_size, sampler=sampler,

@@ -277,6 +277,9 @@ class ReconstructionFIDCallback(L.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not getattr(datamodule, "val_dataset", None):
             raise ConfigError("callbacks.rfid needs validation images (data.val_fraction > 0)")
+        if getattr(datamodule, "streams", False):
+            raise ConfigError("callbacks.rfid: reconstruction FID on streamed shards (data=shards) is not supported "
+                              "yet; set callbacks.rfid=null")
         self._dataset, self._identity = unflipped(datamodule.val_dataset), datamodule.identity()
         self._indices = reference_indices(len(self._dataset), self.num_images)
         if len(self._indices) < 2:

@@ -62,6 +62,9 @@ def split_view(datamodule, split: str, config_key: str) -> Dataset:
     loader preprocesses them, without the random flip. Fewer than 2 images is a configuration error."""
     if split not in ("train", "val"):
         raise ConfigError(f"{config_key}={split!r}: use train or val")
+    if getattr(datamodule, "streams", False):
+        raise ConfigError(f"{config_key}: Frechet distances against streamed shards (data=shards) are not supported "
+                          "yet; measure against a folder or zip of the same images (data=folder)")
     view = datamodule.train_dataset if split == "train" else datamodule.val_dataset
     count = 0 if view is None else len(view)
     if count < 2:
