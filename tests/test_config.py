@@ -18,6 +18,7 @@ _NEEDS = {
     ("data", "mnist"): ["data.root=/tmp/mnist"],
     ("data", "fashion_mnist"): ["data.root=/tmp/fashion"],
     ("data", "cifar10"): ["data.root=/tmp/cifar"],
+    ("data", "shards"): ["data.urls=/tmp/shards"],
 }
 _STAGE_OF_GROUP = {"data": "autoencoder", "autoencoder": "autoencoder", "loss": "autoencoder",
                    "unet": "diffusion", "schedule": "diffusion", "conditioning": "diffusion"}

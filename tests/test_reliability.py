@@ -220,14 +220,14 @@ def test_a_stage1_checkpoint_given_as_the_first_stage_points_to_the_export(tmp_p
         first_stage_from_checkpoint(run / "checkpoints" / "last.ckpt", True)
 
 
-def test_images_smaller_than_image_size_are_upscaled_with_a_warning(tmp_path, capsys):
+def test_images_smaller_than_image_size_are_upscaled_with_a_warning_when_verified(tmp_path, capsys):
     from PIL import Image
 
     from lightning_ldm.data.folder import ImageFolderDataModule
 
     for index, size in enumerate((8, 32, 40, 1)):
         Image.new("RGB", (size, size), (index * 50, 0, 0)).save(tmp_path / f"{index}.png")
-    data = ImageFolderDataModule(root=str(tmp_path), image_size=32, batch_size=2, num_workers=0)
+    data = ImageFolderDataModule(root=str(tmp_path), image_size=32, batch_size=2, num_workers=0, verify=True)
     data.setup("fit")
     assert "warning: 2 of 4 images are smaller than data.image_size=32 and are upscaled" in capsys.readouterr().out
 

@@ -133,7 +133,7 @@ def test_write_shards_command_and_a_stage_1_run_on_shards(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_stage_2_trains_on_shards_and_refuses_to_cache_them(shards, tmp_path):
+def test_stage_2_trains_on_shards_streamed_and_from_their_latent_cache(shards, tmp_path):
     root = shards[0]
     common = ["stage=diffusion", "data=shards", f"data.urls={root / 'out'}", f"data.val_urls={root / 'out'}",
               "data.image_size=16", "data.batch_size=4", "data.num_workers=0", "data.captioned=true",
@@ -141,10 +141,12 @@ def test_stage_2_trains_on_shards_and_refuses_to_cache_them(shards, tmp_path):
               "module.conditioning.caption.depth=1", "module.conditioning.caption.heads=2",
               "module.conditioning.caption.dim_head=16", "module.scale_estimation_batches=1",
               "module.sampling.steps=2", "module.num_log_images=2", "debug=fast_dev_run", "trainer=cpu", "logger=none"]
-    result = run_cli(*common, cwd=tmp_path)
+    result = run_cli(*common, "module.cache_latents=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert_one_line_error(run_cli(*common, "module.cache_latents=true", cwd=tmp_path),
-                          "streamed shards (data=shards) cannot be cached yet")
+    assert not list(tmp_path.rglob("chunk-*.pt"))
+    result = run_cli(*common, cwd=tmp_path)  # cached by default
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list(tmp_path.rglob("latent_cache/latents-*/chunk-*.pt"))) == 8  # one chunk per shard
 
 
 def test_the_data_module_serves_batches(shards):
@@ -153,3 +155,36 @@ def test_the_data_module_serves_batches(shards):
     assert batch["image"].shape == (4, 3, 16, 16) and len(batch["caption"]) == 4
     assert sorted(set(data.training_captions()))[:2] == ["another caption of image 0", "another caption of image 1"]
     assert data.identity()["urls"] == expand_urls(str(shards[0] / "out"))
+
+
+def test_reference_statistics_from_shards_equal_those_of_the_same_images_in_a_folder(shards, tmp_path):
+    from fid_helpers import write_torchscript_extractor
+    from lightning_ldm.metrics import FeatureExtractorSpec
+    from lightning_ldm.metrics.features import build_feature_extractor
+    from lightning_ldm.metrics.reference import load_or_compute_reference, split_view
+
+    from lightning_ldm.errors import ConfigError
+
+    root = shards[0]
+    spec = FeatureExtractorSpec(kind="checkpoint", name="pixels", path=str(write_torchscript_extractor(tmp_path / "x.pt")))
+    extractor = build_feature_extractor(spec)
+    streamed = ShardDataModule(urls=str(root / "out"), val_urls=str(root / "out"), image_size=16, num_workers=0)
+    streamed.setup()
+    folder = ImageFolderDataModule(root=str(root / "images"), image_size=16, val_fraction=0.0, flip=True)
+    folder.setup()
+    references = [load_or_compute_reference(split_view(data, split, "key", whole_streams=True), extractor=extractor,
+                                            identity=data.identity(), cache_dir=tmp_path / "ref", split=split,
+                                            batch_size=5, num_workers=workers)
+                  for data, split, workers in ((streamed, "val", 2), (streamed, "train", 0), (folder, "train", 0))]
+    for reference in references[:2]:  # two workers or none, the validation stream or the (unshuffled) training one
+        assert reference.statistics.n == COUNT
+        torch.testing.assert_close(reference.statistics.mu, references[2].statistics.mu, rtol=0, atol=1e-6)
+        torch.testing.assert_close(reference.statistics.sigma, references[2].statistics.sigma, rtol=0, atol=1e-6)
+    again = load_or_compute_reference(split_view(streamed, "val", "key", whole_streams=True), extractor=extractor,
+                                      identity=streamed.identity(), cache_dir=tmp_path / "ref", split="val")
+    assert again.reused
+    with pytest.raises(ConfigError, match="streamed shards give their whole split"):
+        load_or_compute_reference(split_view(streamed, "val", "key", whole_streams=True), extractor=extractor,
+                                  identity=streamed.identity(), cache_dir=tmp_path / "ref", split="val", count=4)
+    with pytest.raises(ConfigError, match="picks images by index"):
+        split_view(streamed, "val", "evaluate.split")

@@ -109,7 +109,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: Sequence[str], *, image_size: int, channels: int, train: bool, flip: bool, seed: int,
                  captioned: bool, shuffle_buffer: int = 1000, storage_options: Optional[dict] = None) -> None:
-        self.urls, self.image_size, self.mode = list(urls), image_size, PIL_MODES[channels]
+        self.urls, self.image_size, self.channels, self.mode = list(urls), image_size, channels, PIL_MODES[channels]
         self.train, self.flip, self.seed, self.captioned = train, flip and train, seed, captioned
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.storage_options = storage_options or {}
@@ -169,6 +169,12 @@ class ShardStream(IterableDataset):
             yield item
         self.epoch, self.given = epoch + 1, 0
 
+    def in_order(self) -> "ShardStream":
+        """The same shards read as validation reads them: every sample once, in shard order, unflipped, with its
+        first caption (FID's reference, evaluation)."""
+        return ShardStream(self.urls, image_size=self.image_size, channels=self.channels, train=False, flip=False,
+                           seed=self.seed, captioned=self.captioned, storage_options=self.storage_options)
+
     def first_captions(self) -> list[str]:
         """Each sample's first caption, in shard order: the fixed prompts of grids and evaluation."""
         if not self.captioned:
@@ -185,8 +191,8 @@ class ShardStream(IterableDataset):
 class ShardDataModule(L.LightningDataModule):
     """``data=shards``: training (and optionally validation) shards, read as streams; see the module docstring.
 
-    Stage 1 and stage 2 train from it; what needs to index a dataset (the latent cache, FID's reference images)
-    does not take streams yet and says so in one line."""
+    Stage 1 and stage 2 train from it, stage 2 from the latent cache by default (one cache chunk per shard); FID
+    computes its reference statistics over the validation shards."""
 
     name = "shards"
     streams = True  # items come as streams: nothing may index them (the latent cache, FID's reference)
@@ -217,12 +223,16 @@ class ShardDataModule(L.LightningDataModule):
         self.val_urls = expand_urls(self.val_urls_config) if self.val_urls_config else []
         self.val_dataset = ShardStream(self.val_urls, train=False, flip=False, **common) if self.val_urls else None
 
-    def loader(self, dataset: IterableDataset, *, train: bool):
+    def loader(self, dataset, *, train: bool):
+        """A loader of a stream, or of an indexed dataset made from the shards (the latent cache), shuffled by
+        ``seed`` for training."""
         from lightning_ldm.data.base import ImageDataLoader
 
+        indexed = not isinstance(dataset, IterableDataset)
         return ImageDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                                persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                               drop_last=train)
+                               drop_last=train, shuffle=train if indexed else None,
+                               generator=torch.Generator().manual_seed(self.seed) if indexed else None)
 
     def train_dataloader(self):
         self.setup()

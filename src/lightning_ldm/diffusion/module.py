@@ -132,12 +132,8 @@ class DiffusionModule(StepCountingModule):
         """The data this module trains on: image data as configured, wrapped to serve cached latents
         (``cache_latents``) or the pairs an image condition trains on (super-resolution, inpainting)."""
         makers = self.conditioner.pair_makers()
-        streams = getattr(datamodule, "streams", False)
-        if self.cache_latents is None:  # cache unless conditions are drawn from the pixels each step, or streamed
-            self.cache_latents = not makers and not streams
-        if self.cache_latents and streams:
-            raise ConfigError("module.cache_latents=true: streamed shards (data=shards) cannot be cached yet; set "
-                              "module.cache_latents=false")
+        if self.cache_latents is None:  # cache unless conditions are drawn from the pixels each step
+            self.cache_latents = not makers
         if makers and self.cache_latents:
             raise ConfigError(f"module.cache_latents=true cannot train {self.image_task.replace('_', '-')}: its "
                               "conditions are drawn afresh from the pixels every step (set module.cache_latents=false)")

@@ -4,30 +4,37 @@ token ids keyed by the tokenizer (trained when training starts), or a frozen tex
 files, so a new tokenizer or encoder never reads stale encodings and the latents are reused across them.
 
 The cache stores the posterior mean and std of every training image (and of its mirror image when the data
-flips), so the KL posterior can still be sampled afresh each step. Its file name is a hash of the first stage
+flips), so the KL posterior can still be sampled afresh each step, in chunk files (``chunk-000000.pt``, ...): runs
+of ``CHUNK_ITEMS`` images of an indexed dataset, one chunk per shard of a shard-backed one (which also keeps each
+sample's captions as text, having no index to read them back by). Every rank encodes its share of the chunks in
+parallel, each written atomically when whole, so an interrupted build resumes at the first missing chunk and the
+cache is the same whatever the number of ranks; every rank then maps all chunks into memory. Its folder name is a
+hash of the first stage
 (its config and a digest of the weights actually loaded, not the export file's name or date: a resumed run
 encodes with the checkpoint's first stage, whatever has since been written over the export), the data
 identity and preprocessing: any change gives a new key, so a stale cache is never read.
 """
 
+import bisect
 import copy
 import hashlib
+import itertools
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from lightning_ldm.atomic import atomic_path
 from lightning_ldm.data.base import ImageDataLoader, has_captions, pick_caption
-from lightning_ldm.data.transforms import mirror_caption
+from lightning_ldm.data.transforms import mirror_caption, to_signed_unit
 from lightning_ldm.data.wrapper import WrappedImageData
 from lightning_ldm.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def cache_key(first_stage_identity: dict, data_identity: dict) -> str:
@@ -55,66 +62,175 @@ def first_stage_identity(first_stage) -> dict:
     return identity
 
 
-class LatentDataset(Dataset):
-    """Cached (mean, std, label) per image; with flips, a random one of the two stored orientations. Captions
-    are drawn as the image view draws them (one of an item's captions at random, mirrored with the mirrored
-    latent): from ``captions`` when they were encoded into the cache (``encode_captions``: token ids or a frozen
-    encoder's outputs, keyed by what encoded them), else as text from the view's source by index."""
+CHUNK_ITEMS = 4096  # images per chunk file of an indexed dataset (a shard-backed one: one chunk per shard)
 
-    def __init__(self, cache: dict, captions_from: Optional[Dataset] = None,
+
+def chunk_path(directory: Path, index: int) -> Path:
+    return directory / f"chunk-{index:06d}.pt"
+
+
+class LatentDataset(Dataset):
+    """Cached (mean, std, label) per image, read from the cache's chunk files; with flips, a random one of the two
+    stored orientations. Captions are drawn as the image view draws them (one of an item's captions at random,
+    mirrored with the mirrored latent): from ``captions`` when they were encoded into the cache
+    (``encode_captions``: token ids or a frozen encoder's outputs, keyed by what encoded them), else as text from
+    the view's source by index, or from the chunks themselves for shard-backed data (which has no index).
+
+    Each process maps the chunk files into memory the first time it reads them (and drops the mapping when the
+    dataset is pickled into a loader worker): pages are read on first use and shared through the page cache by
+    every process of a machine, so no rank or worker holds a private copy of the cache."""
+
+    def __init__(self, chunks: Sequence[Path], captions_from: Optional[Dataset] = None,
                  captions: Optional[dict] = None) -> None:
-        self.mean, self.std, self.labels = cache["mean"], cache["std"], cache["labels"]
+        self.paths = [Path(path) for path in chunks]
         self.view = captions_from if captions_from is not None and has_captions(
             getattr(captions_from, "source", None)) else None
         self.captions = captions
-        self.flipped = "mean_flipped" in cache
-        if self.flipped:
-            self.mean_flipped, self.std_flipped = cache["mean_flipped"], cache["std_flipped"]
+        self._chunks: dict[int, dict] = {}
+        sizes = [self.chunk(i)["labels"].shape[0] for i in range(len(self.paths))]
+        self.offsets = [0, *itertools.accumulate(sizes)]
+        first = self.chunk(0) if self.paths else {}
+        self.flipped = "mean_flipped" in first
+        self.texts = "captions" in first
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_chunks": {}}
+
+    def chunk(self, index: int) -> dict:
+        if index not in self._chunks:
+            self._chunks[index] = torch.load(self.paths[index], map_location="cpu", weights_only=True, mmap=True)
+        return self._chunks[index]
+
+    def column(self, key: str) -> torch.Tensor:
+        """One stored field of every item, in order (a copy: for tests and small caches)."""
+        return torch.cat([self.chunk(i)[key] for i in range(len(self.paths))])
 
     def __len__(self) -> int:
-        return self.mean.shape[0]
+        return self.offsets[-1]
 
     def __getitem__(self, index: int) -> dict:
+        position = bisect.bisect_right(self.offsets, index) - 1
+        chunk, row = self.chunk(position), index - self.offsets[position]
         mirrored = bool(self.flipped and torch.rand(()) < 0.5)
-        if mirrored:
-            mean, std = self.mean_flipped[index], self.std_flipped[index]
-        else:
-            mean, std = self.mean[index], self.std[index]
-        item = {"latent_mean": mean.float(), "latent_std": std.float(), "label": self.labels[index]}
+        suffix = "_flipped" if mirrored else ""
+        item = {"latent_mean": chunk["mean" + suffix][row].float(), "latent_std": chunk["std" + suffix][row].float(),
+                "label": chunk["labels"][row]}
         if self.captions is not None:
-            row = pick_caption(self.captions["mirrored" if mirrored else "plain"][index], draw=True)
-            item["caption"] = {key: rows[row] for key, rows in self.captions["rows"].items()}
+            pick = pick_caption(self.captions["mirrored" if mirrored else "plain"][index], draw=True)
+            item["caption"] = {key: rows[pick] for key, rows in self.captions["rows"].items()}
         elif self.view is not None:
             item["caption"] = self.view.caption(self.view.indices[index], mirrored)
+        elif self.texts:
+            text = pick_caption(chunk["captions"][row], draw=True)
+            item["caption"] = mirror_caption(text) if mirrored else text
         return item
 
 
+class _ChunkImages(IterableDataset):
+    """The images of some chunks, batched within each chunk, in order: ``{"chunk", "image", "label"[, "captions"],
+    "last"}`` per batch. A loader worker takes whole chunks (every ``num_workers``-th), so a chunk's items keep
+    their order whatever the worker count."""
+
+    def __init__(self, chunks: Sequence[tuple[int, Any]], items_of, batch_size: int) -> None:
+        self.chunks, self.items_of, self.batch_size = list(chunks), items_of, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.chunks[info.id::info.num_workers] if info is not None else self.chunks
+        for index, unit in mine:
+            batch: list[dict] = []
+            items = iter(self.items_of(unit))
+            item = next(items, None)
+            while item is not None:
+                batch.append(item)
+                item = next(items, None)
+                if len(batch) == self.batch_size or item is None:
+                    yield self._collate(index, batch, last=item is None)
+                    batch = []
+
+    @staticmethod
+    def _collate(index: int, items: list[dict], last: bool) -> dict:
+        batch = {"chunk": index, "last": last, "image": torch.stack([item["image"] for item in items]),
+                 "label": torch.tensor([item["label"] for item in items])}
+        if "captions" in items[0]:
+            batch["captions"] = [item["captions"] for item in items]
+        return batch
+
+
+def _view_items(view: Dataset):
+    """Items of positions ``unit`` (a range) of an unflipped split view."""
+    def items(unit: range) -> Iterator[dict]:
+        return (view[i] for i in unit)
+    return items
+
+
+def _shard_items(stream):
+    """Decoded samples of one shard, in order, with all their captions (no flip, no shuffle)."""
+    from lightning_ldm.data.shards import decode_sample, raw_samples
+
+    def items(url: str) -> Iterator[dict]:
+        for sample in raw_samples([url], stream.storage_options):
+            pixels, label, captions = decode_sample(sample, mode=stream.mode, image_size=stream.image_size)
+            item = {"image": to_signed_unit(pixels), "label": label}
+            if stream.captioned:
+                if not captions:
+                    raise DataError(f"shard sample {sample['__url__']}:{sample['__key__']} has no caption")
+                item["captions"] = captions
+            yield item
+    return items
+
+
+def cache_plan(view: Dataset, chunk_items: int = CHUNK_ITEMS) -> tuple[list[Any], Callable]:
+    """(units, items_of): chunk i holds the images ``items_of(units[i])`` yields. A split view is cut into runs of
+    ``chunk_items`` positions; a shard stream gives one chunk per shard, since shards cannot be indexed."""
+    if isinstance(view, IterableDataset):
+        return list(view.urls), _shard_items(view)
+    unflipped = copy.copy(view)
+    unflipped.flip = False  # the mirror images are encoded explicitly
+    # A drawn caption would take a number from the global RNG in this process: a run that builds the cache must
+    # train on the same noise as one that finds it built.
+    unflipped.draw_captions = False
+    return [range(start, min(start + chunk_items, len(view))) for start in range(0, len(view), chunk_items)], \
+        _view_items(unflipped)
+
+
 @torch.no_grad()
-def encode_dataset(first_stage, dataset: Dataset, *, flip: bool, batch_size: int, device: torch.device,
-                   num_workers: int = 0) -> dict:
-    unflipped = copy.copy(dataset)
-    if hasattr(unflipped, "flip"):
-        unflipped.flip = False  # the mirror images are encoded explicitly below
-    if hasattr(unflipped, "draw_captions"):
-        # A drawn caption would take a number from the global RNG in this process: a run that builds the cache
-        # must train on the same noise as one that finds it built.
-        unflipped.draw_captions = False
+def encode_chunks(first_stage, units: Sequence[Any], items_of, directory: Path, *, flip: bool, batch_size: int,
+                  device: torch.device, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> int:
+    """Encode this rank's chunks (every ``world_size``-th, from ``rank``) that are not yet on disk, each written
+    atomically once whole: an interrupted build resumes where it stopped, and every rank encodes its own slice in
+    parallel. Returns how many chunks this call encoded."""
+    pending = [(i, unit) for i, unit in enumerate(units) if i % world_size == rank and not chunk_path(directory, i).is_file()]
+    if not pending:
+        return 0
+    directory.mkdir(parents=True, exist_ok=True)
+    # The data's own loader workers decode the images: in the main process, decoding a large dataset would take
+    # hours, and the main process's many intra-op threads fight every other process on the node for the CPUs.
     # Its own generator: whether the cache had to be built must not change the training noise that follows.
-    # ImageDataLoader: a corrupt image met in a worker is reported as the data's one-line error, as in training.
-    loader = ImageDataLoader(unflipped, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                             generator=torch.Generator().manual_seed(0))
-    parts: dict[str, list] = {"mean": [], "std": [], "labels": [], "mean_flipped": [], "std_flipped": []}
-    for batch in tqdm(loader, desc="Encoding the training set into the latent cache", leave=False):
+    loader = ImageDataLoader(_ChunkImages(pending, items_of, batch_size), batch_size=None,
+                             num_workers=min(num_workers, len(pending)), generator=torch.Generator().manual_seed(0))
+    parts: dict[int, dict[str, list]] = {}
+    progress = tqdm(total=len(pending), desc=f"Latent cache: encoding chunks (rank {rank})", unit="chunk",
+                    leave=False, position=rank)
+    for batch in loader:
+        part = parts.setdefault(batch["chunk"], {})
         images = batch["image"].to(device)
-        mean, std = first_stage.encode_distribution(images)
-        parts["mean"].append(mean.half().cpu())
-        parts["std"].append(std.half().cpu())
-        parts["labels"].append(batch["label"])
-        if flip:
-            mean, std = first_stage.encode_distribution(torch.flip(images, dims=[-1]))
-            parts["mean_flipped"].append(mean.half().cpu())
-            parts["std_flipped"].append(std.half().cpu())
-    return {key: torch.cat(value) for key, value in parts.items() if value}
+        encodings = [("", images)] + ([("_flipped", torch.flip(images, dims=[-1]))] if flip else [])
+        for suffix, pixels in encodings:
+            mean, std = first_stage.encode_distribution(pixels)
+            part.setdefault("mean" + suffix, []).append(mean.half().cpu())
+            part.setdefault("std" + suffix, []).append(std.half().cpu())
+        part.setdefault("labels", []).append(batch["label"])
+        if "captions" in batch:
+            part.setdefault("captions", []).extend(batch["captions"])
+        if batch["last"]:
+            done = parts.pop(batch["chunk"])
+            chunk = {key: value if key == "captions" else torch.cat(value) for key, value in done.items()}
+            with atomic_path(chunk_path(directory, batch["chunk"])) as tmp:
+                torch.save(chunk, tmp)
+            progress.update()
+    progress.close()
+    return len(pending)
 
 
 @torch.no_grad()
@@ -148,38 +264,40 @@ def cached_caption_embedder(conditioner) -> Optional[Any]:
 
 
 def _load_or_build(path: Path, build, what: str, *, is_global_zero: bool, barrier) -> Any:
-    """Rank 0 builds the file if it is missing (atomically); every rank then maps the same file into memory:
-    pages are read on first use and shared by every process of the machine (its ranks and their loader
-    workers) through the page cache, so no rank holds a private copy of the whole cache."""
+    """Rank 0 builds the file if it is missing (atomically); every rank then maps it into memory."""
     if is_global_zero and not path.is_file():
         print(f"Latent cache: encoding {what} -> {path}")
         with atomic_path(path) as tmp:
             torch.save(build(), tmp)
-    elif is_global_zero:
-        print(f"Latent cache: reusing {path}")
     barrier()
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.device, *,
-                        is_global_zero: bool, barrier, caption_embedder=None) -> tuple[LatentDataset, Path]:
+def load_or_build_cache(first_stage, datamodule, cache_dir: Path, device: torch.device, *, rank: int = 0,
+                        world_size: int = 1, barrier=lambda: None, caption_embedder=None,
+                        chunk_items: int = CHUNK_ITEMS) -> tuple[LatentDataset, Path]:
     """The training split's latents (and, with ``caption_embedder``, its captions encoded) from ``cache_dir``,
-    built first where missing."""
+    built first where missing: every rank encodes its share of the chunks, then all read all of them."""
     view, data_identity = datamodule.train_dataset, datamodule.identity()
-    path = Path(cache_dir) / f"latents-{cache_key(first_stage_identity(first_stage), data_identity)}.pt"
-    # The data's own loader workers decode the images: in the main process, decoding a large dataset would take
-    # hours, and the main process's many intra-op threads fight every other process on the node for the CPUs.
-    cache = _load_or_build(path, lambda: encode_dataset(
-        first_stage, view, flip=bool(getattr(datamodule, "flip", False)), batch_size=max(64, datamodule.batch_size),
-        device=device, num_workers=getattr(datamodule, "num_workers", 0)), f"{len(view)} training images",
-        is_global_zero=is_global_zero, barrier=barrier)
+    units, items_of = cache_plan(view, chunk_items)
+    key = cache_key(first_stage_identity(first_stage), {**data_identity, "chunk_items": chunk_items})
+    directory = Path(cache_dir) / f"latents-{key}"
+    missing = sum(not chunk_path(directory, i).is_file() for i in range(len(units)))
+    if rank == 0:
+        print(f"Latent cache: {directory}: " + (f"encoding {missing} of {len(units)} chunks on {world_size} "
+                                                f"rank{'s' if world_size > 1 else ''}" if missing else "reusing it"))
+    encode_chunks(first_stage, units, items_of, directory, flip=bool(getattr(datamodule, "flip", False)),
+                  batch_size=max(64, datamodule.batch_size), device=device,
+                  num_workers=getattr(datamodule, "num_workers", 0), rank=rank, world_size=world_size)
+    barrier()
     captions = None
-    if caption_embedder is not None and has_captions(view.source):
-        key = cache_key({"captions": caption_embedder.cache_identity()}, data_identity)
-        captions = _load_or_build(Path(cache_dir) / f"captions-{key}.pt",
+    if caption_embedder is not None and has_captions(getattr(view, "source", None)):
+        captions_key = cache_key({"captions": caption_embedder.cache_identity()}, data_identity)
+        captions = _load_or_build(Path(cache_dir) / f"captions-{captions_key}.pt",
                                   lambda: encode_captions(caption_embedder, view, device), "the training captions",
-                                  is_global_zero=is_global_zero, barrier=barrier)
-    return LatentDataset(cache, view, captions), path
+                                  is_global_zero=rank == 0, barrier=barrier)
+    chunks = [chunk_path(directory, i) for i in range(len(units))]
+    return LatentDataset(chunks, view if not isinstance(view, IterableDataset) else None, captions), directory
 
 
 class CachedLatents(WrappedImageData):
@@ -205,8 +323,8 @@ class CachedLatents(WrappedImageData):
             module = trainer.lightning_module
             conditioner = getattr(module, "conditioner", None)
             self._latents, self.path = load_or_build_cache(
-                module.first_stage, self.images, cache_dir, module.device, is_global_zero=trainer.is_global_zero,
-                barrier=trainer.strategy.barrier,
+                module.first_stage, self.images, cache_dir, module.device, rank=trainer.global_rank,
+                world_size=trainer.world_size, barrier=trainer.strategy.barrier,
                 caption_embedder=cached_caption_embedder(conditioner) if conditioner is not None else None)
         return self._latents
 

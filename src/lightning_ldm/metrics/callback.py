@@ -146,7 +146,8 @@ class FIDCallback(L.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or getattr(datamodule, "train_dataset", None) is None:
             raise ConfigError("callbacks.fid needs a data module: FID compares samples with its images")
-        self._dataset = split_view(datamodule, self.reference_split, "callbacks.fid.reference_split")
+        self._dataset = split_view(datamodule, self.reference_split, "callbacks.fid.reference_split",
+                                   whole_streams=True)
         self._identity = datamodule.identity()
         self._check_checkpoints(trainer, pl_module)
         self.extractor = build_feature_extractor(self.spec, "callbacks.fid.feature_extractor",

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
 from lightning_ldm.atomic import atomic_path
@@ -57,15 +57,21 @@ def unflipped(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def split_view(datamodule, split: str, config_key: str) -> Dataset:
+def split_view(datamodule, split: str, config_key: str, *, whole_streams: bool = False) -> Dataset:
     """The unflipped view of a set-up data module's ``split`` ("train" or "val"): the images exactly as its
-    loader preprocesses them, without the random flip. Fewer than 2 images is a configuration error."""
+    loader preprocesses them, without the random flip. Fewer than 2 images is a configuration error. Streamed
+    shards cannot be indexed: callers that take a split whole (reference statistics) say ``whole_streams``."""
     if split not in ("train", "val"):
         raise ConfigError(f"{config_key}={split!r}: use train or val")
-    if getattr(datamodule, "streams", False):
-        raise ConfigError(f"{config_key}: Frechet distances against streamed shards (data=shards) are not supported "
-                          "yet; measure against a folder or zip of the same images (data=folder)")
     view = datamodule.train_dataset if split == "train" else datamodule.val_dataset
+    if getattr(datamodule, "streams", False):
+        if not whole_streams:
+            raise ConfigError(f"{config_key}: this evaluation picks images by index, which streamed shards "
+                              "(data=shards) cannot give; evaluate on a folder or zip of the same images (data=folder)")
+        if view is None:
+            raise ConfigError(f"{config_key}={split}: data.val_urls names no validation shards; set data.val_urls or "
+                              f"{config_key}=train")
+        return view.in_order()  # every sample once, in shard order, unflipped: the whole split is the reference
     count = 0 if view is None else len(view)
     if count < 2:
         fraction = getattr(datamodule, "val_fraction", None)
@@ -83,9 +89,9 @@ def reference_indices(total: int, count: Optional[int]) -> list[int]:
     return sorted(chosen.tolist())
 
 
-def reference_key(identity: dict, split: str, count: int, total: int, extractor: FeatureExtractor) -> dict:
+def reference_key(identity: dict, split: str, count, total, extractor: FeatureExtractor) -> dict:
     described = {k: v for k, v in extractor.describe().items() if k != "file"}  # the hash names the weights
-    subset = "all" if count >= total else f"randperm(seed={SUBSET_SEED})"
+    subset = "all" if count == "all" or count >= total else f"randperm(seed={SUBSET_SEED})"
     return {"version": CACHE_VERSION, "data": identity, "split": split,
             "images": {"count": count, "of": total, "subset": subset},
             "preprocessing": "data-module view without random flip, 8-bit quantised", "extractor": described}
@@ -101,26 +107,34 @@ def cache_path(cache_dir: Path, key: dict) -> Path:
     return Path(cache_dir) / f"{name}-{key['split']}-{key['images']['count']}-{label}-{key_digest(key)[:16]}.npz"
 
 
-@torch.no_grad()
-def dataset_features(dataset: Dataset, indices: list[int], extractor: FeatureExtractor, batch_size: int,
-                     num_workers: int = 0) -> torch.Tensor:
-    """Features of ``dataset[indices]`` in that order; each rank extracts its block, every rank gets all."""
+def _my_images(dataset: Dataset, indices: Optional[list[int]], batch_size: int, num_workers: int) -> DataLoader:
+    """This rank's share of the reference images: its block of ``indices``, or, for a stream (``indices`` None),
+    the shards the stream itself assigns to this rank and its workers."""
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     rank, world = rank_and_world()
     mine = [indices[i] for i in shard(len(indices), rank, world)]
-    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+@torch.no_grad()
+def dataset_features(dataset: Dataset, indices: Optional[list[int]], extractor: FeatureExtractor, batch_size: int,
+                     num_workers: int = 0) -> torch.Tensor:
+    """Features of ``dataset[indices]``; each rank extracts its block, every rank gets all (in index order; a
+    stream's in the order of its ranks' shares)."""
+    loader = _my_images(dataset, indices, batch_size, num_workers)
     chunks = [extractor(batch["image"].to(extractor.device))["features"] for batch in loader]
     local = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float32, device=extractor.device)
     return gather_rows(local)
 
 
 @torch.no_grad()
-def streamed_statistics(dataset: Dataset, indices: list[int], extractor: FeatureExtractor, batch_size: int,
+def streamed_statistics(dataset: Dataset, indices: Optional[list[int]], extractor: FeatureExtractor, batch_size: int,
                         num_workers: int = 0) -> Optional[GaussianStatistics]:
-    """Statistics of ``dataset[indices]`` by streaming moments: each rank its block, sums all-reduced; on rank 0
-    (None elsewhere)."""
-    rank, world = rank_and_world()
-    mine = [indices[i] for i in shard(len(indices), rank, world)]
-    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    """Statistics of ``dataset[indices]`` (a stream: all of it) by streaming moments: each rank its share, sums
+    all-reduced; on rank 0 (None elsewhere)."""
+    rank, _ = rank_and_world()
+    loader = _my_images(dataset, indices, batch_size, num_workers)
     moments = None
     for batch in tqdm(loader, desc="reference features", disable=rank != 0, leave=False):
         features = extractor(batch["image"].to(extractor.device))["features"]
@@ -137,18 +151,26 @@ def load_or_compute_reference(dataset: Dataset, *, identity: dict, extractor: Fe
                               split: str = "train", count: Optional[int] = None, batch_size: int = 64,
                               keep_features: bool = False, num_workers: int = 0,
                               log: Callable[[str], None] = print) -> Optional[Reference]:
-    """The reference on rank 0 (None on other ranks, which only help extracting); call it on every rank."""
-    indices = reference_indices(len(dataset), count)
-    key = reference_key(identity, split, len(indices), len(dataset), extractor)
+    """The reference on rank 0 (None on other ranks, which only help extracting); call it on every rank. A stream
+    (shards, which cannot be indexed) is used whole."""
+    if isinstance(dataset, IterableDataset):
+        if count is not None:
+            raise ConfigError(f"reference_num_images={count}: streamed shards give their whole split as the "
+                              "reference; set it to null, or name fewer shards in data.val_urls")
+        indices, total, how_many = None, "all", "all"
+    else:
+        indices = reference_indices(len(dataset), count)
+        total, how_many = len(dataset), len(indices)
+    key = reference_key(identity, split, how_many, total, extractor)
     path = cache_path(cache_dir, key)
     rank, _ = rank_and_world()
     cached = _load(path, key, keep_features) if rank == 0 else None
     if broadcast_object(cached is not None):
         if rank == 0:
-            log(f"Reference statistics: reusing {path} ({len(indices)} {split} images, {extractor.label})")
+            log(f"Reference statistics: reusing {path} ({cached.statistics.n} {split} images, {extractor.label})")
         return cached
     if rank == 0:
-        log(f"Reference statistics: extracting {extractor.label} features of {len(indices)} {split} images -> {path}")
+        log(f"Reference statistics: extracting {extractor.label} features of {how_many} {split} images -> {path}")
     features = None
     if keep_features:  # KID and precision/recall compare feature sets, not statistics: gather the rows
         features = dataset_features(dataset, indices, extractor, batch_size, num_workers)

@@ -40,6 +40,7 @@ from lightning_ldm.metrics.sampling import SamplingSettings, generated_features
 from lightning_ldm.metrics.scores import distribution_metrics
 from lightning_ldm.metrics.weights import file_sha256
 from lightning_ldm.tasks.run_dir import git_revision, package_versions, record_run
+from lightning_ldm.training.loggers import log_to_training_run, training_run_of
 from lightning_ldm.tasks.run_lock import holds_run_lock
 from lightning_ldm.training.images import make_grid, save_png, to_uint8
 
@@ -112,6 +113,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         shown = f"{key} = {value:.6g}" if isinstance(value, float) else f"{key} = {value}"
         print(shown + (against if key.startswith(f"{extractor.label}@") else ""))
     print(f"Report: {path}")
+    if OmegaConf.select(cfg, "logger.wandb") is not None:
+        log_to_training_run(training_run_of(ckpt), metrics=metrics)
     return report
 
 
@@ -146,12 +149,13 @@ def _evaluate_diffusion(options, ckpt, fabric, extractor, datamodule, cache_dir)
         return evaluate_image_task(options, module, fabric, extractor, datamodule)
     wanted = set(options.metrics)
     reference = load_or_compute_reference(
-        split_view(datamodule, options.reference_split, "evaluate.reference_split"), identity=datamodule.identity(),
+        split_view(datamodule, options.reference_split, "evaluate.reference_split", whole_streams=True),
+        identity=datamodule.identity(),
         extractor=extractor, cache_dir=cache_dir, split=options.reference_split, count=options.reference_num_images,
         batch_size=options.batch_size, keep_features=bool({"kid", "prc"} & wanted), num_workers=datamodule.num_workers)
     prompts = read_prompts(options.get("prompts"), options.get("prompt_file"))
     if prompts is None and module.conditioner.reads_text:  # the reference images' own captions (their first)
-        view = split_view(datamodule, options.reference_split, "evaluate.reference_split")
+        view = split_view(datamodule, options.reference_split, "evaluate.reference_split", whole_streams=True)
         prompts = view.first_captions() or None
     settings = SamplingSettings(options.sampler, options.steps, options.eta, options.guidance_scale, options.use_ema,
                                 list(options.classes) if options.classes else None, prompts)

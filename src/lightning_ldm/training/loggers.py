@@ -150,3 +150,46 @@ def csv_logger(*, save_dir: str, name: str = "csv", version: str = ""):
                 print(f"CSV log: {dropped} rows logged after batch {batch} (lost with the interruption) removed")
 
     return ContinuingCSVLogger(save_dir=save_dir, name=name, version=version)
+
+
+def training_run_of(path: Path) -> Optional[Path]:
+    """The run directory a checkpoint or export lies in (``<run>/checkpoints/*.ckpt``, ``<run>/export/*``), if any."""
+    path = Path(path).resolve()
+    return path.parent.parent if path.parent.name in ("checkpoints", "export") else None
+
+
+def log_to_training_run(run_dir: Optional[Path], *, metrics: Optional[dict] = None,
+                        artifact: Optional[Path] = None, artifact_type: str = "model") -> Optional[str]:
+    """Add evaluation ``metrics`` (as ``eval/<name>``, in the history and the summary) and/or a file or folder as a
+    W&B artifact to the W&B run that trained ``run_dir``, so a run's page holds its final numbers and weights. Does
+    nothing (returns None) when that run logged no W&B run; else returns the run's id. Offline exactly as training
+    is: without credentials the additions go to a new offline folder of the same run id, for ``wandb sync``."""
+    id_file = None if run_dir is None else Path(run_dir) / "wandb" / "run_id"
+    if id_file is None or not id_file.is_file():
+        return None
+    import wandb
+    from omegaconf import OmegaConf
+
+    run_id = id_file.read_text().strip()
+    config_file = Path(run_dir) / "config.yaml"
+    trained = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create()
+    project = OmegaConf.select(trained, "logger.wandb.project", default="lightning_ldm")
+    mode = os.environ.get("WANDB_MODE", "")
+    offline = mode == "offline" or (mode != "online" and not wandb_credentials_available())
+    run = wandb.init(dir=str(run_dir), id=run_id, project=project, resume="allow",
+                     mode="offline" if offline else "online", settings=wandb.Settings(silent=True))
+    try:
+        if metrics:
+            scalars = {f"eval/{key}": value for key, value in metrics.items() if isinstance(value, (int, float))}
+            run.log(scalars)
+            run.summary.update(scalars)
+        if artifact is not None:
+            item = wandb.Artifact(name=f"{Path(run_dir).name}-{Path(artifact).name}".replace("/", "-"),
+                                  type=artifact_type)
+            (item.add_dir if Path(artifact).is_dir() else item.add_file)(str(artifact))
+            run.log_artifact(item)
+    finally:
+        run.finish()
+    where = f"offline (wandb sync {Path(run_dir) / 'wandb'}/offline-run-*)" if offline else "online"
+    print(f"W&B: added to the training run {run_id}, {where}")
+    return run_id
