@@ -1,7 +1,7 @@
 """Optional features and the pip extra that installs each: ``pip install "lightning_ldm[<extra>]"``.
 
-The core install trains, samples and evaluates; searches, SLURM launches and TensorBoard need more packages.
-A feature whose extra is missing stops with one line that names the extra to install.
+The core install trains, samples and evaluates; searches, SLURM launches, TensorBoard, diffusers' formats and the demo page need more
+packages. A feature whose extra is missing stops with one line that names the extra to install.
 """
 
 import importlib.util
@@ -14,6 +14,8 @@ EXTRAS = {
     "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra/launcher=slurm (hydra-submitit-launcher)"),
     "tensorboard": ("tensorboard", "logger=tensorboard"),
     "clip": ("transformers", "conditioning=text_clip (a frozen CLIP text tower from transformers)"),
+    "demo": ("gradio", "stage=demo (a local web page made with gradio)"),
+    "diffusers": ("diffusers", "weights in from and out to diffusers (autoencoder.path, module.init_from, stage=export)"),
 }
 
 
@@ -32,6 +34,12 @@ def missing_extra_message(extra: str) -> str:
 def require_extra(extra: str) -> None:
     if not extra_installed(extra):
         raise ConfigError(missing_extra_message(extra))
+
+
+def import_extra(extra: str):
+    """The extra's module (``diffusers``, ``gradio``...), imported; one line naming the extra if it is missing."""
+    require_extra(extra)
+    return importlib.import_module(EXTRAS[extra][0])
 
 
 def check_config_extras(cfg) -> None:

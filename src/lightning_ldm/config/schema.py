@@ -110,6 +110,28 @@ class BenchmarkConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``stage=export`` (see conf/stage/export.yaml for what each key means)."""
+
+    ckpt: Optional[str] = None
+    output_dir: Optional[str] = None
+    use_ema: bool = True
+    wandb_artifact: bool = False
+
+
+@dataclass
+class DemoConfig:
+    """``stage=demo`` (see conf/stage/demo.yaml for what each key means)."""
+
+    ckpt: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = at_least(0, 7860)
+    device: Optional[str] = None
+    max_images: int = at_least(1, 16)
+    max_steps: int = at_least(1, 100)
+
+
+@dataclass
 class RunConfig:
     """Top-level keys. Groups that are instantiated (data, module, trainer, ...) are typed by their targets."""
 
@@ -126,6 +148,8 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     # Instantiated groups: their keys are checked against the targets' signatures.
     data: Any = None
     unet: Any = None

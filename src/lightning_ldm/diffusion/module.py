@@ -67,6 +67,7 @@ class DiffusionModule(StepCountingModule):
         num_log_images: int = 16,
         compile: Optional[bool] = None,
         cuda_graphs: bool = True,
+        init_from: Optional[str] = None,
     ) -> None:
         super().__init__(max_steps, max_train_seconds, lr=lr)
         if isinstance(conditioning, str):
@@ -86,6 +87,10 @@ class DiffusionModule(StepCountingModule):
         channels = first_stage.latent_channels
         self.unet = unet(in_channels=channels, out_channels=channels, context_dim=self.conditioner.context_dim,
                          concat_channels=self.conditioner.concat_channels)
+        if init_from:  # a new run from another model's weights (tasks/train.py drops it when resuming)
+            from lightning_ldm.interop.initialise import initialise_from
+
+            print(f"Initial weights: {initialise_from(init_from, self.unet, self.conditioner)}")
         self.ema = EMA(self.trained_networks(), decay=ema_decay, warmup=ema_warmup)
         self.validation_prompts = list(validation_prompts) if validation_prompts else None
         self.evaluation_prompts: Optional[list[str]] = None  # FID's prompts: every validation image's first caption

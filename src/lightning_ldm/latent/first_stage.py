@@ -11,13 +11,15 @@ buffer, hence stored in checkpoints and never recomputed on resume (NaN until es
 
 import json
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Literal, Optional, Union
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_ldm.autoencoder.export import load_autoencoder_export, read_export_metadata
 from lightning_ldm.errors import CheckpointError, ConfigError
+from lightning_ldm.interop.autoencoder import load_pretrained_autoencoder, pretrained_autoencoder_kind
 from lightning_ldm.latent.scale import estimate_scale_factor, ranks_agree
 from lightning_ldm.strict_loading import load_state_strictly
 
@@ -173,14 +175,25 @@ def newest_matching_export(search_root: Path, data_identity: dict, expected: Opt
 def load_first_stage(*, path: Optional[str] = None, search_root: str = "outputs", data=None,
                      scale_factor: Optional[float] = None, sample_posterior: bool = True,
                      regularizer: Optional[Literal["kl", "vq"]] = None,
-                     downsampling_factor: Optional[int] = None, allow_incomplete: bool = False) -> FrozenFirstStage:
+                     downsampling_factor: Optional[int] = None, allow_incomplete: bool = False,
+                     architecture: Optional[Union[str, dict]] = None) -> FrozenFirstStage:
     """Load a stage-1 export strictly: by ``path``, or the newest export of the same data under ``search_root``.
 
+    ``path`` may also name pretrained weights of another codebase (``interop.autoencoder``): a diffusers
+    AutoencoderKL / VQModel or pipeline folder, or an original CompVis checkpoint, whose architecture
+    (Autoencoder kwargs or a preset name) ``architecture`` must give.
+
     ``scale_factor``: None estimates 1/std of the latents at the start of training (VQ latents stay unscaled,
-    as in the paper, unless a value is given). ``regularizer`` / ``downsampling_factor``, when set (the paper
-    presets set them), are required of the export: an LDM-4 preset never picks up a KL-f8 export by accident.
+    as in the paper, unless a value is given); a diffusers KL model's ``scaling_factor`` (or an original
+    LatentDiffusion checkpoint's ``scale_factor``) is used instead where there is one. ``regularizer`` /
+    ``downsampling_factor``, when set (the paper presets set them), are required of the export: an LDM-4 preset
+    never picks up a KL-f8 export by accident.
     """
     expected = {"regularizer": regularizer, "downsampling_factor": downsampling_factor}
+    pretrained = None if path is None else pretrained_autoencoder_kind(Path(path))
+    if pretrained is not None:
+        return pretrained_first_stage(Path(path).expanduser(), pretrained, architecture, expected, scale_factor,
+                                      sample_posterior)
     if path is None:
         if data is None or not hasattr(data, "identity"):
             raise ConfigError("autoencoder.path is not set and there is no data identity to search exports by")
@@ -204,6 +217,28 @@ def load_first_stage(*, path: Optional[str] = None, search_root: str = "outputs"
                             downsampling_factor=model.downsampling_factor, image_channels=config["in_channels"],
                             regularizer=config["regularizer"], scale_factor=scale_factor,
                             sample_posterior=sample_posterior, source=str(export))
+
+
+def pretrained_first_stage(path: Path, kind: str, architecture: Optional[Union[str, dict]], expected: dict,
+                           scale_factor: Optional[float], sample_posterior: bool) -> FrozenFirstStage:
+    """A first stage from a diffusers model or an original CompVis checkpoint (``kind``; see ``load_first_stage``)."""
+    if isinstance(architecture, DictConfig):
+        architecture = OmegaConf.to_container(architecture, resolve=True)
+    model, found_scale = load_pretrained_autoencoder(path, architecture)
+    config = model.config
+    mismatched = {k: v for k, v in expected.items() if v is not None and _architecture(config)[k] != v}
+    if mismatched:
+        raise CheckpointError(f"{path} has {json.dumps(_architecture(config))}, "
+                              f"the config expects {json.dumps(mismatched)}")
+    if scale_factor is None:
+        # VQ latents stay unscaled (the paper): the 0.18215 diffusers writes into every VQModel config is SD's KL-f8 scale
+        scale_factor = 1.0 if config["regularizer"] == "vq" else found_scale
+    print(f"First stage: pretrained {kind} autoencoder {path}"
+          + (f" (scale_factor {scale_factor})" if scale_factor is not None else ""))
+    return FrozenFirstStage(model, {"export": str(path), "config": config}, latent_channels=model.latent_channels,
+                            downsampling_factor=model.downsampling_factor, image_channels=config["in_channels"],
+                            regularizer=config["regularizer"], scale_factor=scale_factor,
+                            sample_posterior=sample_posterior, source=str(path))
 
 
 def rebuild_first_stage(export_config: dict, sample_posterior: bool) -> FrozenFirstStage:

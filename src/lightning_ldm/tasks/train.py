@@ -57,6 +57,8 @@ def fit(cfg: DictConfig) -> Optional[float]:
         # A resumed stage 2 keeps the first stage it was trained with (stored in its checkpoint), not
         # whatever export is newest now.
         cfg.autoencoder.path = ckpt_path
+    if ckpt_path and cfg.module.get("init_from"):
+        cfg.module.init_from = None  # the checkpoint holds the run's own weights; its starting point may be gone
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
     if hasattr(module, "wrap_data"):

@@ -111,7 +111,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1) -> None:
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, eps=1e-6)  # LDM's Normalize() in attention.py (ResBlocks keep 1e-5)
         self.proj_in = nn.Linear(channels, channels)
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
         self.proj_out = zero_init(nn.Linear(channels, channels))

@@ -11,9 +11,9 @@ from lightning_ldm.group_norm import GroupNorm
 Resample = Literal["none", "up", "down"]
 
 
-def group_norm(channels: int) -> GroupNorm:
+def group_norm(channels: int, eps: float = 1e-5) -> GroupNorm:
     """GroupNorm with ADM's 32 groups."""
-    return GroupNorm(32, channels)
+    return GroupNorm(32, channels, eps=eps)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

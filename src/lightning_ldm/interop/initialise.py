@@ -1,0 +1,127 @@
+"""``module.init_from``: a new run's starting weights from another model, to fine-tune it.
+
+``resume=`` continues a run exactly (optimizer, step, EMA, RNG). ``init_from`` only fills the UNet and the
+conditioner's embedders before training starts: the optimizer and the step counter start fresh and the EMA starts
+as a copy of the loaded weights. Sources, each loaded strictly into the architecture the config builds:
+
+- one of our stage-2 runs or files (its EMA weights: what it samples with), UNet and conditioner whole, the
+  tokenizer of a jointly trained text encoder included;
+- a diffusers folder (a pipeline's ``unet/``, or a UNet folder): the UNet, its class table, and an
+  ``LDMBertModel`` text encoder with its tokenizer (``bert/``, ``tokenizer/``) when the model has ours;
+- an original CompVis checkpoint: ``model.diffusion_model.*`` and the class table (``label_emb``, or the
+  cross-attention ``cond_stage_model.embedding``). Its text encoder is left out: it reads BERT's WordPiece ids,
+  and BERT's vocabulary is not part of the checkpoint.
+"""
+
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from lightning_ldm.errors import CheckpointError
+from lightning_ldm.strict_loading import load_state_strictly
+
+ORIGINAL_CLASS_TABLE = "cond_stage_model.embedding.weight"  # LDM's ClassEmbedder (cross-attention class models)
+
+
+def _is_our_checkpoint(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == "lightning_ldm.diffusion"
+    return False
+
+
+def _copy_class_table(conditioner, table: torch.Tensor, source: Path) -> None:
+    """Rows of a class table into the ClassEmbedder: all of them if it has a null row too, else the classes (the
+    null row keeps its initialisation)."""
+    embedder = conditioner.embedder("class")
+    if embedder is None:
+        raise CheckpointError(f"{source} has a class table ({table.shape[0]} rows) but this model is not class-"
+                              "conditional: set conditioning=class or class_crossattn")
+    ours = embedder.table.weight
+    if table.shape[0] not in (ours.shape[0], embedder.num_classes) or table.shape[1] != ours.shape[1]:
+        raise CheckpointError(f"{source}: its class table is {tuple(table.shape)}, this model's "
+                              f"({embedder.num_classes} classes + the null class) {tuple(ours.shape)}")
+    with torch.no_grad():
+        ours[: table.shape[0]].copy_(table)
+
+
+def _from_diffusers(path: Path, unet: nn.Module, conditioner) -> list[str]:
+    from lightning_ldm.interop.unet import unet_from_diffusers
+
+    loaded, table = unet_from_diffusers(path, expected_config=unet.config)
+    unet.load_state_dict(loaded.state_dict())
+    parts = ["UNet"]
+    if table is not None:
+        _copy_class_table(conditioner, table, path)
+        parts.append("class table")
+    text = conditioner.embedder("text")
+    if text is not None and (path / "bert").is_dir():
+        from lightning_ldm.interop.text import text_encoder_from_diffusers, tokenizer_from_transformers
+
+        length = text.settings["length"]
+        encoder = text_encoder_from_diffusers(path / "bert", length=length,
+                                              include_logits_head=text.encoder.to_logits is not None)
+        load_state_strictly(text.encoder, encoder.state_dict(), path / "bert")
+        text.tokenizer = tokenizer_from_transformers(path / "tokenizer", length=length)
+        parts.append("text encoder and tokenizer")
+    return parts
+
+
+def _from_original(path: Path, unet: nn.Module, conditioner) -> list[str]:
+    from lightning_ldm.interop.unet import ORIGINAL_PREFIX, unet_from_original
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:
+        raise CheckpointError(f"module.init_from={path} cannot be read as a checkpoint ({type(error).__name__})") from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+    if not any(str(key).startswith(ORIGINAL_PREFIX) for key in state):
+        raise CheckpointError(f"module.init_from={path} is neither a lightning_ldm stage-2 checkpoint nor an original "
+                              f"LDM checkpoint (no {ORIGINAL_PREFIX}* keys; first keys: {list(state)[:3]})")
+    loaded, table = unet_from_original(state, unet.config, source=str(path))
+    unet.load_state_dict(loaded.state_dict())
+    parts = ["UNet"]
+    table = table if table is not None else state.get(ORIGINAL_CLASS_TABLE)
+    if table is not None:
+        _copy_class_table(conditioner, table, path)
+        parts.append("class table")
+    return parts
+
+
+def initialise_from(source: Union[str, Path], unet: nn.Module, conditioner) -> str:
+    """Load another model's weights into ``unet`` and ``conditioner`` (see the module docstring); returns what
+    was loaded, for the log."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"module.init_from={path} does not exist: give a stage-2 run or file, an original LDM "
+                              "checkpoint or a diffusers folder")
+    if path.is_dir() and not ((path / "unet").is_dir() or (path / "config.json").is_file()):
+        from lightning_ldm.pipeline import resolve_model_file
+
+        path = resolve_model_file(path)  # one of our run directories
+    if path.is_dir():
+        parts = _from_diffusers(path, unet, conditioner)
+    elif path.suffix == ".safetensors" and _is_our_checkpoint(path) or _is_our_lightning_checkpoint(path):
+        from lightning_ldm.diffusion.checkpoint import load_diffusion_model
+
+        networks = load_diffusion_model(str(path)).ema.model
+        load_state_strictly(unet, networks["unet"].state_dict(), path)
+        load_state_strictly(conditioner, networks["conditioner"].state_dict(), path)
+        parts = ["UNet", "conditioner"]
+    else:
+        parts = _from_original(path, unet, conditioner)
+    return f"{', '.join(parts)} from {path}"
+
+
+def _is_our_lightning_checkpoint(path: Path) -> bool:
+    if path.suffix != ".ckpt":
+        return False
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return False
+    return isinstance(checkpoint, dict) and (checkpoint.get("lightning_ldm") or {}).get("kind") == "diffusion"
