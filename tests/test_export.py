@@ -89,10 +89,32 @@ def test_a_model_on_a_clip_tower_becomes_a_stable_diffusion_pipeline(tmp_path, c
     assert images.shape == (1, 32, 32, 3)
 
 
-def test_bad_exports_stop_in_one_line_and_overwrite_nothing(tmp_path):
-    module = text_module(conditioning=CLASSES_ADM, first_stage=_first_stage())
+def test_a_class_conditional_model_samples_with_guidance_in_its_exported_pipeline_as_here(tmp_path):
+    module = text_module(conditioning=CLASSES_ADM, first_stage=_first_stage(),
+                         sampling={"sampler": "ddim", "steps": STEPS})
+    _randomised(module.ema.model)
     source = save_ema_export(module, tmp_path / "run/export/ldm-ema.safetensors")
-    with pytest.raises(ConfigError, match="no pipeline for a latent model conditioned on class"):
+    folder = _export(source, tmp_path / "exported", tmp_path)
+    assert (folder / "pipeline.py").is_file()
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
+    assert type(pipe).__name__ == "ClassConditionalLDMPipeline" and pipe.null_class == 10
+    seeds, labels = [5, 6], torch.tensor([7, 2])
+    ours, _ = module.generate(2, labels=labels, guidance_scale=3.0, x_T=initial_noise(seeds, (4, 16, 16)))
+    theirs = pipe(labels.tolist(), guidance_scale=3.0, num_inference_steps=STEPS, output_type="np",
+                  generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    ours = ((ours.permute(0, 2, 3, 1).numpy() + 1) / 2).clip(0, 1)
+    difference, between_seeds = np.abs(ours - theirs).max(), np.abs(ours[0] - ours[1]).max()
+    assert difference < 1e-3 * between_seeds, f"differ by up to {difference} (two seeds by {between_seeds})"
+    unguided = pipe(labels.tolist(), guidance_scale=1.0, num_inference_steps=STEPS, output_type="np",
+                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    assert np.abs(unguided - theirs).max() > 100 * difference  # guidance changes the images: the test can fail
+
+
+def test_bad_exports_stop_in_one_line_and_overwrite_nothing(tmp_path):
+    crossattn = {"class": {**CLASSES_ADM["class"], "output": "context", "dim": 32}}
+    module = text_module(conditioning=crossattn, first_stage=_first_stage())
+    source = save_ema_export(module, tmp_path / "run/export/ldm-ema.safetensors")
+    with pytest.raises(ConfigError, match="no pipeline for a latent model conditioned on class through cross-attention"):
         _export(source, tmp_path / "classes", tmp_path)
     assert not (tmp_path / "classes").exists() and not list(tmp_path.glob(".classes*"))
     existing = tmp_path / "existing"

@@ -6,14 +6,19 @@
 | unconditional, pixel space | ``DDIMPipeline`` | unet, scheduler |
 | text, the jointly trained encoder | ``LDMTextToImagePipeline`` | vqvae, bert (LDMBertModel), tokenizer, unet, scheduler |
 | text, a frozen CLIP tower | ``StableDiffusionPipeline`` | vae, text_encoder, tokenizer, unet, scheduler |
+| classes added to the time embedding | ``ClassConditionalLDMPipeline`` | vqvae, unet (with the class table), scheduler |
 
-diffusers has no pipeline that takes class labels for a UNet with a VAE, nor the LDM super-resolution and inpainting
-inputs of this package's embedders; those models are refused in one line (their UNet and VAE still convert, through
-``lightning_ldm.interop.unet`` / ``autoencoder``).
+diffusers has no pipeline for class labels with a VAE: the last is ours (``class_pipeline.py``), written into the
+folder as ``pipeline.py`` and loaded with ``trust_remote_code=True``. Classes read through cross-attention and the
+super-resolution and inpainting inputs have no pipeline and are refused in one line (their UNet and VAE still
+convert, through ``lightning_ldm.interop.unet`` / ``autoencoder``).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 from lightning_ldm.errors import ConfigError
@@ -84,10 +89,12 @@ def to_diffusers_pipeline(module, use_ema: bool = True):
     networks = module.ema.model if use_ema else module.trained_networks()
     conditioner = networks["conditioner"]
     kinds = {e.kind for e in conditioner.embedders.values()}
-    if kinds & {"class", "low_res", "inpainting"}:
-        raise ConfigError(f"diffusers has no pipeline for a latent model {module.describe_conditioning()}: export "
-                          "covers unconditional and text-to-image models")
-    unet = unet_to_diffusers(networks["unet"])
+    classes = conditioner.embedder("class")
+    if kinds & {"low_res", "inpainting"} or (classes is not None and (classes.output != "vector" or len(kinds) > 1)):
+        raise ConfigError(f"diffusers has no pipeline for a latent model {module.describe_conditioning()}"
+                          + (" through cross-attention" if classes is not None and classes.output != "vector" else "")
+                          + ": export covers unconditional, class-conditional (ADM) and text-to-image models")
+    unet = unet_to_diffusers(networks["unet"], None if classes is None else classes.table.weight.detach())
     unet.register_to_config(sample_size=module.latent_size)
     scheduler = scheduler_for(module)
     first_stage = module.first_stage
@@ -101,8 +108,26 @@ def to_diffusers_pipeline(module, use_ema: bool = True):
     vae = autoencoder_to_diffusers(first_stage.autoencoder, scaling_factor=float(first_stage.scale_factor))
     if not kinds:
         return diffusers.LDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler)
+    if classes is not None:
+        from lightning_ldm.interop.class_pipeline import ClassConditionalLDMPipeline
+
+        return ClassConditionalLDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler)
     text = _text_components(module, networks)
     if "bert" in text:
         return diffusers.LDMTextToImagePipeline(vqvae=vae, unet=unet, scheduler=scheduler, **text)
     return diffusers.StableDiffusionPipeline(vae=vae, unet=unet, scheduler=scheduler, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False, **text)
+
+
+def save_pipeline(pipeline, folder: Path) -> None:
+    """``save_pretrained``, and for our own pipeline class its code beside it, named in ``model_index.json`` the
+    way diffusers finds a pipeline that is not its own."""
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    if type(pipeline).__module__.startswith("lightning_ldm."):
+        from lightning_ldm.interop import class_pipeline
+
+        shutil.copyfile(class_pipeline.__file__, Path(folder) / "pipeline.py")
+        index_file = Path(folder) / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["_class_name"] = ["pipeline", type(pipeline).__name__]
+        index_file.write_text(json.dumps(index, indent=2) + "\n")

@@ -27,16 +27,18 @@ def export(cfg: DictConfig) -> Path:
         raise CheckpointError(f"no stage-2 checkpoint under {cfg.paths.output_root}: set export.ckpt=<run dir or file>")
     path = resolve_model_file(source)
     module = load_diffusion_model(str(path)).eval()
-    from lightning_ldm.interop.diffusers_pipeline import to_diffusers_pipeline
+    from lightning_ldm.interop.diffusers_pipeline import save_pipeline, to_diffusers_pipeline
 
     pipeline = to_diffusers_pipeline(module, use_ema=options.use_ema)
     partial = destination.with_name(f".{destination.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted export left
     partial.parent.mkdir(parents=True, exist_ok=True)
-    pipeline.save_pretrained(partial, safe_serialization=True)
+    save_pipeline(pipeline, partial)
     partial.rename(destination)
     print(f"Exported {path} as a diffusers {type(pipeline).__name__} to {destination}\n"
-          f"  load it with: diffusers.DiffusionPipeline.from_pretrained({str(destination)!r})")
+          f"  load it with: diffusers.DiffusionPipeline.from_pretrained({str(destination)!r}"
+          + (", trust_remote_code=True)  (its pipeline.py: diffusers has none for class labels)"
+             if (destination / "pipeline.py").is_file() else ")"))
     if type(pipeline).__name__ == "LDMTextToImagePipeline" and module.first_stage.downsampling_factor != 8:
         size = 8 * module.latent_size  # that pipeline's latents are height // 8 whatever the first stage's factor
         print(f"  LDMTextToImagePipeline assumes a factor-8 first stage; this one's is "
