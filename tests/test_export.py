@@ -125,3 +125,18 @@ def test_bad_exports_stop_in_one_line_and_overwrite_nothing(tmp_path):
     assert (existing / "keep.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="export.output_dir is not set"):
         _export(source, None, tmp_path)
+
+
+def test_the_export_can_go_to_the_w_and_b_run_that_trained_it_as_a_model_artifact(tmp_path, monkeypatch):
+    import os
+
+    for key in [k for k in os.environ if k.startswith("WANDB")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    module = text_module(conditioning={}, first_stage=_first_stage())
+    source = save_ema_export(module, tmp_path / "run/export/ldm-ema.safetensors")
+    (tmp_path / "run/wandb").mkdir()
+    (tmp_path / "run/wandb/run_id").write_text("exp12345")
+    _export(source, tmp_path / "exported", tmp_path, wandb_artifact=True)
+    logs = list((tmp_path / "run/wandb").glob("offline-run-*-exp12345/run-exp12345.wandb"))
+    assert logs and b"exported" in logs[0].read_bytes()  # the artifact, named after the folder, in the run's log
