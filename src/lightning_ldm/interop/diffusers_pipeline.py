@@ -46,8 +46,9 @@ def scheduler_for(module) -> Any:
                   prediction_type=PREDICTION_TYPES[module.prediction], timestep_spacing="trailing")
     sampler = module.sampling.sampler
     if sampler == "ddim":
-        # set_alpha_to_one: the last step returns the x0 estimate, as our DDIM does
-        return diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, steps_offset=0)
+        # set_alpha_to_one: the last step returns the x0 estimate, as our DDIM does. steps_offset is read only by
+        # "leading" spacing; 1 keeps StableDiffusionPipeline from rewriting the config with a deprecation warning.
+        return diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, steps_offset=1)
     if sampler == "dpmpp_2m":
         return diffusers.DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
                                                      final_sigmas_type="zero")
