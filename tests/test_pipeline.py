@@ -127,3 +127,23 @@ def test_bad_input_stops_in_one_line(runs, tmp_path):
     classes = lightning_ldm.load_pipeline(runs / "classes", device="cpu")
     with pytest.raises(ConfigError, match=r"outside \[0, 10\)"):
         classes(n=1, classes=[10], steps=1)
+
+
+def test_a_diffusers_vae_folder_gives_an_autoencoder_pipeline_that_reconstructs_as_diffusers_does(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = _randomised(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        sample_size=32, scaling_factor=0.5)).eval()
+    vae.save_pretrained(tmp_path / "sd/vae")
+    pipe = lightning_ldm.load_pipeline(tmp_path / "sd", device="cpu")  # a pipeline folder: its vae/
+    assert isinstance(pipe, AutoencoderPipeline) and float(pipe.first_stage.scale_factor) == 0.5
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        expected = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    ours = np.asarray(pipe.reconstruct(image)[0]).astype(int)
+    theirs = ((expected[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(ours - theirs).max() <= 1 and ours.std() > 1  # float rounding at most; not a flat image
+    torch.testing.assert_close(pipe.encode(image), vae.encode(pixels).latent_dist.mean * 0.5, atol=1e-5, rtol=0)

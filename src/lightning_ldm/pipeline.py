@@ -208,7 +208,14 @@ class LatentDiffusionPipeline:
 def load_pipeline(source: Union[str, Path], device: Union[str, torch.device, None] = None
                   ) -> Union[LatentDiffusionPipeline, AutoencoderPipeline]:
     """The model of a run directory or file: a ``LatentDiffusionPipeline`` for stage 2, an ``AutoencoderPipeline``
-    for stage 1. ``device`` defaults to the GPU when there is one."""
+    for stage 1 or for another codebase's autoencoder (a diffusers VAE folder such as Stable Diffusion's, whose
+    latents are then scaled by its ``scaling_factor``). ``device`` defaults to the GPU when there is one."""
+    from lightning_ldm.interop.autoencoder import pretrained_autoencoder_kind
+
+    if Path(source).expanduser().is_dir() and pretrained_autoencoder_kind(source) == "diffusers":
+        from lightning_ldm.latent.first_stage import load_first_stage
+
+        return AutoencoderPipeline(load_first_stage(path=str(Path(source).expanduser())), device)
     path = resolve_model_file(source)
     if path.suffix == ".safetensors":
         from lightning_ldm.autoencoder.export import EXPORT_FORMAT as AUTOENCODER_FORMAT
