@@ -101,3 +101,22 @@ def test_a_source_of_another_architecture_or_nowhere_stops_in_one_line(tmp_path)
     torch.save({"state_dict": {"something.weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="neither a lightning_ldm stage-2 checkpoint nor an original LDM"):
         _started_from(tmp_path / "other.ckpt")
+
+
+def test_an_original_text_to_image_checkpoint_gives_its_encoder_when_its_tokenizer_lies_beside_it(tmp_path, capsys):
+    from lightning_ldm.interop.text import text_encoder_to_original, tokenizer_to_transformers
+
+    source = _source(TEXT)
+    encoder = source.ema.model["conditioner"].embedders["caption"].encoder
+    state = {**unet_to_original(source.ema.model["unet"]), **text_encoder_to_original(encoder)}
+    torch.save({"state_dict": state}, tmp_path / "model.ckpt")
+    module = _started_from(tmp_path / "model.ckpt", TEXT)  # no tokenizer: the UNet alone, and it says why
+    assert _same(module.unet, source.ema.model["unet"])
+    assert not _same(module.conditioner.embedders["caption"].encoder, encoder)
+    assert "text encoder of" in capsys.readouterr().out
+    tokenizer = CaptionTokenizer.train(["a red 3", "a blue 7 left of a green 1"], vocab_size=80, length=12,
+                                       progress=False)
+    tokenizer_to_transformers(tokenizer).save_pretrained(tmp_path / "tokenizer")
+    module = _started_from(tmp_path / "model.ckpt", TEXT)
+    text = module.conditioner.embedders["caption"]
+    assert _same(text.encoder, encoder) and text.tokenizer.fingerprint == tokenizer.fingerprint

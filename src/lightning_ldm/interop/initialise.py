@@ -8,9 +8,10 @@ as a copy of the loaded weights. Sources, each loaded strictly into the architec
   tokenizer of a jointly trained text encoder included;
 - a diffusers folder (a pipeline's ``unet/``, or a UNet folder): the UNet, its class table, and an
   ``LDMBertModel`` text encoder with its tokenizer (``bert/``, ``tokenizer/``) when the model has ours;
-- an original CompVis checkpoint: ``model.diffusion_model.*`` and the class table (``label_emb``, or the
-  cross-attention ``cond_stage_model.embedding``). Its text encoder is left out: it reads BERT's WordPiece ids,
-  and BERT's vocabulary is not part of the checkpoint.
+- an original CompVis checkpoint: ``model.diffusion_model.*``, the class table (``label_emb``, or the
+  cross-attention ``cond_stage_model.embedding``) and the text encoder (``cond_stage_model.transformer.*``). That
+  encoder reads BERT's WordPiece ids and the checkpoint holds no vocabulary: it is loaded when a ``tokenizer/``
+  folder (a transformers tokenizer, e.g. bert-base-uncased's) lies beside the checkpoint, and left out otherwise.
 """
 
 from pathlib import Path
@@ -23,6 +24,7 @@ from lightning_ldm.errors import CheckpointError
 from lightning_ldm.strict_loading import load_state_strictly
 
 ORIGINAL_CLASS_TABLE = "cond_stage_model.embedding.weight"  # LDM's ClassEmbedder (cross-attention class models)
+TEXT_PREFIX = "cond_stage_model.transformer."  # LDM's BERTEmbedder
 
 
 def _is_our_checkpoint(path: Path) -> bool:
@@ -89,6 +91,19 @@ def _from_original(path: Path, unet: nn.Module, conditioner) -> list[str]:
     if table is not None:
         _copy_class_table(conditioner, table, path)
         parts.append("class table")
+    text = conditioner.embedder("text")
+    if text is not None and any(str(key).startswith(TEXT_PREFIX) for key in state):
+        tokenizer_folder = path.parent / "tokenizer"
+        if not tokenizer_folder.is_dir():
+            print(f"Initial weights: the text encoder of {path} is left out: it reads BERT's WordPiece ids; put that "
+                  f"tokenizer (e.g. bert-base-uncased's files) in {tokenizer_folder} to load both")
+        else:
+            from lightning_ldm.interop.text import text_encoder_from_original, tokenizer_from_transformers
+
+            load_state_strictly(text.encoder, text_encoder_from_original(state, text.settings).state_dict(),
+                                path)
+            text.tokenizer = tokenizer_from_transformers(tokenizer_folder, length=text.settings["length"])
+            parts.append("text encoder and tokenizer")
     return parts
 
 
