@@ -44,3 +44,11 @@ def test_evaluation_metrics_and_exports_go_into_the_w_and_b_run_that_trained_the
     folders = list((run / "wandb").glob("offline-run-*-abcd1234"))
     assert folders, "the metrics went to a run of another id"
     assert {"eval/fid@100": 12.5} == {k: v for k, v in read_history(run)[-1].items() if k.startswith("eval/")}
+    # a W&B logger started later in the same process still goes offline by itself
+    logger = wandb_logger(save_dir=str(tmp_path / "later"), name="later", offline=True)
+    try:
+        logger.experiment.log({"x": 1.0})
+    finally:
+        import wandb
+        wandb.finish()
+    assert list((tmp_path / "later/wandb").glob("offline-run-*"))

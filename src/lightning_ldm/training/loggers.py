@@ -190,6 +190,9 @@ def log_to_training_run(run_dir: Optional[Path], *, metrics: Optional[dict] = No
             run.log_artifact(item)
     finally:
         run.finish()
+        # wandb keeps a process-wide setup made from the environment of its first init; a W&B logger started later
+        # in this process (Lightning's reads WANDB_MODE when it starts) must get a fresh one
+        wandb.teardown()
     where = f"offline (wandb sync {Path(run_dir) / 'wandb'}/offline-run-*)" if offline else "online"
     print(f"W&B: added to the training run {run_id}, {where}")
     return run_id
