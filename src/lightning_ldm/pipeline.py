@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lightning_ldm.diffusion.image_inputs import PIL_MODES, check_divisible, keep_mask, to_pixels
 from lightning_ldm.errors import CheckpointError, ConfigError, DataError
+from lightning_ldm.file_format import model_kind
 
 PILImages = Union[Image.Image, Sequence[Image.Image]]
 
@@ -48,16 +50,17 @@ def _as_list(images: PILImages) -> list[Image.Image]:
     return [images] if isinstance(images, Image.Image) else list(images)
 
 
-def pil_to_tensor(images: PILImages, channels: int, what: str = "images") -> torch.Tensor:
-    """PIL images of one size -> float (N, C, H, W) in [-1, 1], converted to the model's channels."""
-    mode = {1: "L", 3: "RGB"}[channels]
-    arrays = [np.asarray(image.convert(mode)) for image in _as_list(images)]
+def pil_arrays(images: PILImages, channels: int, what: str = "images") -> list[np.ndarray]:
+    """PIL images as uint8 arrays in the model's channels (greyscale or RGB)."""
+    arrays = [np.asarray(image.convert(PIL_MODES[channels])) for image in _as_list(images)]
     if not arrays:
         raise DataError(f"no {what} given")
-    if len({a.shape for a in arrays}) > 1:
-        raise DataError(f"the {what} have different sizes; give {what} of one size")
-    pixels = torch.from_numpy(np.stack(arrays)).float() / 127.5 - 1
-    return pixels[:, None] if channels == 1 else pixels.permute(0, 3, 1, 2)
+    return arrays
+
+
+def pil_to_tensor(images: PILImages, channels: int, what: str = "images") -> torch.Tensor:
+    """PIL images of one size -> float (N, C, H, W) in [-1, 1], converted to the model's channels."""
+    return to_pixels(pil_arrays(images, channels, what), channels, what)
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -79,10 +82,7 @@ class AutoencoderPipeline:
     def encode(self, images: PILImages) -> torch.Tensor:
         """Scaled posterior means (N, c, H/f, W/f): the latents a diffusion model on this first stage sees."""
         pixels = pil_to_tensor(images, self.first_stage.image_channels)
-        factor = self.first_stage.downsampling_factor
-        if pixels.shape[-1] % factor or pixels.shape[-2] % factor:
-            raise DataError(f"images of {pixels.shape[-1]}x{pixels.shape[-2]} are not divisible by the first stage's "
-                            f"factor {factor}: crop or resize them")
+        check_divisible(pixels, self.first_stage.downsampling_factor, "images")
         return self.first_stage.encode_mean(pixels.to(self.device))
 
     @torch.no_grad()
@@ -176,33 +176,21 @@ class LatentDiffusionPipeline:
         channels = self.module.first_stage.image_channels
         pixels = pil_to_tensor(image, channels, "input images")
         factor = 1 if self.image_task == "super_resolution" else self.module.first_stage.downsampling_factor
-        if pixels.shape[-1] % factor or pixels.shape[-2] % factor:
-            raise DataError(f"input images of {pixels.shape[-1]}x{pixels.shape[-2]} are not divisible by the first "
-                            f"stage's factor {factor}: crop or resize them")
+        check_divisible(pixels, factor, "input images")
         keep = None
         if mask is not None:
-            planes = pil_to_tensor(mask, 1, "masks")
-            if planes.shape[0] != pixels.shape[0] or planes.shape[-2:] != pixels.shape[-2:]:
+            planes = pil_arrays(mask, 1, "masks")
+            if len(planes) != len(pixels) or any(plane.shape != tuple(pixels.shape[-2:]) for plane in planes):
                 raise DataError("give one mask per input image, of the image's size")
-            keep = (planes < 0).float()  # white (>= 128, i.e. > 0 in [-1, 1]) is generated, as in stage=sample
+            keep = torch.stack([keep_mask(plane, f"number {i}") for i, plane in enumerate(planes)])[:, None]
         return pixels, keep
 
     def _noise(self, batch: list[int], extra: dict) -> torch.Tensor:
         """x_T of each seed, at the latent size the inputs (if any) give, as stage=sample draws it."""
         from lightning_ldm.diffusion.seeds import initial_noise
 
-        first_stage = self.module.first_stage
-        if "low_res" in extra:
-            embedder = self.module.conditioner.embedder("low_res")
-            size = extra["low_res"].shape[-2:]
-            shape = (first_stage.latent_channels, embedder.latent_size(size[0]), embedder.latent_size(size[1]))
-        elif "image" in extra:
-            size = extra["image"].shape[-2:]
-            shape = (first_stage.latent_channels, size[0] // first_stage.downsampling_factor,
-                     size[1] // first_stage.downsampling_factor)
-        else:
-            shape = (first_stage.latent_channels, self.module.latent_size, self.module.latent_size)
-        return initial_noise(batch, shape)
+        inputs = {key: extra[key] for key in ("image", "low_res") if key in extra}
+        return initial_noise(batch, self.module.latent_shape(**inputs))
 
 
 def load_pipeline(source: Union[str, Path], device: Union[str, torch.device, None] = None
@@ -217,20 +205,11 @@ def load_pipeline(source: Union[str, Path], device: Union[str, torch.device, Non
 
         return AutoencoderPipeline(load_first_stage(path=str(Path(source).expanduser())), device)
     path = resolve_model_file(source)
-    if path.suffix == ".safetensors":
-        from lightning_ldm.autoencoder.export import EXPORT_FORMAT as AUTOENCODER_FORMAT
-        from safetensors import safe_open
+    if model_kind(path, "load_pipeline") == "autoencoder":
+        from lightning_ldm.latent.first_stage import load_first_stage
 
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                kind = (handle.metadata() or {}).get("format")
-        except Exception as error:
-            raise CheckpointError(f"{path} is not a safetensors file ({type(error).__name__})") from None
-        if kind == AUTOENCODER_FORMAT:
-            from lightning_ldm.latent.first_stage import load_first_stage
-
-            # unscaled latents: a stage-1 model has no diffusion model to scale them for
-            return AutoencoderPipeline(load_first_stage(path=str(path), scale_factor=1.0), device)
+        # unscaled latents: a stage-1 model has no diffusion model to scale them for
+        return AutoencoderPipeline(load_first_stage(path=str(path), scale_factor=1.0), device)
     from lightning_ldm.diffusion.checkpoint import load_diffusion_model
 
     return LatentDiffusionPipeline(load_diffusion_model(str(path)), device)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from lightning_ldm.atomic import atomic_path
 from lightning_ldm.autoencoder.model import Autoencoder
 from lightning_ldm.errors import CheckpointError
+from lightning_ldm.file_format import safetensors_metadata
 from lightning_ldm.strict_loading import load_state_strictly
 
 EXPORT_FORMAT = "lightning_ldm.autoencoder"
@@ -43,11 +44,7 @@ def read_export_metadata(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"autoencoder export not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as error:
-        raise CheckpointError(f"{path} is not a safetensors file ({error})") from None
+    metadata = safetensors_metadata(path)
     if metadata.get("format") != EXPORT_FORMAT:
         raise CheckpointError(
             f"{path} is not a lightning_ldm autoencoder export (format={metadata.get('format')!r}); "

@@ -195,7 +195,7 @@ class ShardDataModule(L.LightningDataModule):
     computes its reference statistics over the validation shards."""
 
     name = "shards"
-    streams = True  # items come as streams: nothing may index them (the latent cache, FID's reference)
+    streams = True  # items come as streams, never by index: the latent cache and FID read each split whole
 
     def __init__(self, *, urls: Any, val_urls: Any = None, image_size: int = 32, channels: int = 3,
                  num_classes: Optional[int] = None, captioned: bool = False, batch_size: int = 32,

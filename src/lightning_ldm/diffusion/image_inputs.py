@@ -31,23 +31,44 @@ def latent_keep_mask(keep: torch.Tensor, factor: int) -> torch.Tensor:
     return -F.max_pool2d(-keep, factor) if factor > 1 else keep
 
 
+PIL_MODES = {1: "L", 3: "RGB"}
+
+
+def to_pixels(arrays: list[np.ndarray], channels: int, what: str) -> torch.Tensor:
+    """uint8 arrays (H, W[, C]) of one size -> float (N, C, H, W) in [-1, 1]."""
+    sizes = {a.shape[:2] for a in arrays}
+    if len(sizes) > 1:
+        raise DataError(f"{what}: the images have {len(sizes)} different sizes "
+                        f"({', '.join(f'{w}x{h}' for h, w in sorted(sizes))}); give images of one size")
+    pixels = torch.from_numpy(np.stack(arrays)).float() / 127.5 - 1
+    return pixels[:, None] if channels == 1 else pixels.permute(0, 3, 1, 2)
+
+
+def check_divisible(pixels: torch.Tensor, factor: int, what: str) -> None:
+    height, width = pixels.shape[-2:]
+    if height % factor or width % factor:
+        raise DataError(f"{what} are {width}x{height}, not divisible by the first stage's factor {factor}: "
+                        f"crop or resize them to a multiple of {factor}")
+
+
+def keep_mask(plane: np.ndarray, what: str) -> torch.Tensor:
+    """An 8-bit mask (H, W) -> float (H, W), 1 where the input is kept (black, < 128), 0 where it is generated."""
+    generated = plane >= 128
+    if not generated.any():
+        raise DataError(f"mask {what} is all black: nothing to generate")
+    if generated.all():
+        raise DataError(f"mask {what} is all white: nothing is kept (sample without masks)")
+    return torch.from_numpy(~generated).float()
+
+
 def read_input_images(images: str, masks: Optional[str], *, channels: int, factor: int) -> InputImages:
     image_store = open_store(images, "sample.images")
     members = sorted(member for member, _, _ in image_store.entries())
     if not members:
         raise DataError(f"sample.images={images} holds no images (png, jpg, webp, bmp)")
-    mode = {1: "L", 3: "RGB"}[channels]
-    arrays = [read_pixels(image_store, m, mode) for m in members]
-    sizes = {a.shape[:2] for a in arrays}
-    if len(sizes) > 1:
-        raise DataError(f"sample.images: the images have {len(sizes)} different sizes ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))}); "
-                        "give images of one size")
-    height, width = arrays[0].shape[:2]
-    if height % factor or width % factor:
-        raise DataError(f"sample.images are {width}x{height}, not divisible by the first stage's factor {factor}: "
-                        f"crop or resize them to a multiple of {factor}")
-    pixels = torch.from_numpy(np.stack(arrays)).float() / 127.5 - 1
-    pixels = pixels[:, None] if channels == 1 else pixels.permute(0, 3, 1, 2)
+    arrays = [read_pixels(image_store, m, PIL_MODES[channels]) for m in members]
+    pixels = to_pixels(arrays, channels, "sample.images")
+    check_divisible(pixels, factor, "sample.images")
     keep = None
     if masks is not None:
         mask_store = open_store(masks, "sample.masks")
@@ -61,12 +82,6 @@ def read_input_images(images: str, masks: Optional[str], *, channels: int, facto
             if plane.shape != array.shape[:2]:
                 raise DataError(f"mask {mask_store.describe(mask_member)} is {plane.shape[1]}x{plane.shape[0]}, its "
                                 f"image {member} {array.shape[1]}x{array.shape[0]}")
-            generated = plane >= 128
-            if not generated.any():
-                raise DataError(f"mask {mask_store.describe(mask_member)} is all black: nothing to generate")
-            if generated.all():
-                raise DataError(f"mask {mask_store.describe(mask_member)} is all white: nothing is kept (sample "
-                                "without sample.masks)")
-            planes.append(torch.from_numpy(~generated).float())
+            planes.append(keep_mask(plane, mask_store.describe(mask_member)))
         keep = torch.stack(planes)[:, None]
     return InputImages([str(Path(m).with_suffix(".png")) for m in members], pixels, keep)

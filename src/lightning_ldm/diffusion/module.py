@@ -378,20 +378,15 @@ class DiffusionModule(StepCountingModule):
         scale = settings.guidance_scale if guidance_scale is None else guidance_scale
         denoise = make_denoiser(guided_model_fn(net, cond, uncond, scale), self.schedule, self.prediction)
         from_image = None
-        channels, factor = self.first_stage.latent_channels, self.first_stage.downsampling_factor
+        factor = self.first_stage.downsampling_factor
+        shape = (n, *self.latent_shape(image=image, low_res=low_res))
         if image is not None:
             image = image.to(self.device, torch.float32)
-            shape = (n, channels, image.shape[-2] // factor, image.shape[-1] // factor)
             # A trained inpainting model is told what to keep; replacement is for models that were not.
             replace = keep is not None and self.image_task != "inpainting"
             latent_keep = latent_keep_mask(keep.to(self.device, torch.float32), factor) if replace else None
             if strength < 1 or replace:
                 from_image = FromImage(self.first_stage.encode_mean(image), strength, latent_keep)
-        elif low_res is not None:
-            embedder = conditioner.embedder("low_res")
-            shape = (n, channels, embedder.latent_size(low_res.shape[-2]), embedder.latent_size(low_res.shape[-1]))
-        else:
-            shape = (n, channels, self.latent_size, self.latent_size)
         z, spec = sample(sampler or settings.sampler, denoise, self.schedule, shape,
                          steps=steps or settings.steps, eta=settings.eta if eta is None else eta,
                          generator=generator, device=self.device, x_T=x_T, progress=progress, image=from_image)
@@ -400,6 +395,18 @@ class DiffusionModule(StepCountingModule):
             keep = keep.to(images.device, images.dtype)
             images = keep * image.to(images.dtype) + (1 - keep) * images
         return images, spec
+
+    def latent_shape(self, *, image: Optional[torch.Tensor] = None,
+                     low_res: Optional[torch.Tensor] = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents ``generate`` samples: the model's own size; an input ``image``'s size divided
+        by the first stage's factor; or, for a super-resolution model, the size its ``low_res`` input becomes."""
+        channels, factor = self.first_stage.latent_channels, self.first_stage.downsampling_factor
+        if image is not None:
+            return channels, image.shape[-2] // factor, image.shape[-1] // factor
+        if low_res is not None:
+            embedder = self.conditioner.embedder("low_res")
+            return channels, embedder.latent_size(low_res.shape[-2]), embedder.latent_size(low_res.shape[-1])
+        return channels, self.latent_size, self.latent_size
 
     def _condition_inputs(self, conditioner: Conditioner, n: int, labels, prompts, negative_prompt, generator, *,
                           image=None, keep=None, low_res=None):

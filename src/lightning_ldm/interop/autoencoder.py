@@ -25,6 +25,7 @@ from torch import nn
 from lightning_ldm.autoencoder.export import EXPORT_FORMAT, load_autoencoder_export
 from lightning_ldm.autoencoder.model import PAPER_PRESETS, SMALL_PRESETS, Autoencoder
 from lightning_ldm.extras import import_extra
+from lightning_ldm.file_format import read_weights, safetensors_metadata
 from lightning_ldm.interop.architecture import Architecture, build
 from lightning_ldm.errors import CheckpointError, ConfigError
 from lightning_ldm.strict_loading import load_state_strictly
@@ -303,25 +304,6 @@ def diffusers_model_folder(source: Path) -> Optional[Path]:
     return None
 
 
-def read_weights(path: Path) -> Mapping[str, Any]:
-    """The state dict in a torch checkpoint (its ``state_dict`` entry, or the dict itself) or a safetensors file."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as error:
-            raise CheckpointError(f"{path} is not a safetensors file ({type(error).__name__})") from None
-    try:
-        checkpoint = _torch_load(path)
-    except Exception as error:
-        raise CheckpointError(f"{path} could not be read as a torch checkpoint ({type(error).__name__})") from None
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
-    return state
-
-
 def build_autoencoder(config: Architecture) -> Autoencoder:
     return build(Autoencoder, PRESETS, config, "autoencoder")
 
@@ -400,16 +382,6 @@ def _load_diffusers_model(source: Path) -> nn.Module:
         raise CheckpointError(f"{folder}: diffusers could not load it ({type(error).__name__}: {message})") from None
 
 
-def _torch_load(path: Path) -> Any:
-    # Memory-mapped where the file allows it (zip format): tensors are read only when used.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def _safetensors_keys(path: Path) -> list[str]:
     from safetensors import safe_open
 
@@ -423,12 +395,9 @@ def _safetensors_keys(path: Path) -> list[str]:
 def _is_our_export(path: Path) -> bool:
     if path.suffix != ".safetensors" or not path.is_file():
         return False
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format") == EXPORT_FORMAT
-    except Exception:
+        return safetensors_metadata(path).get("format") == EXPORT_FORMAT
+    except CheckpointError:
         return False
 
 

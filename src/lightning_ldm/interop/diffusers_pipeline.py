@@ -29,14 +29,10 @@ BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine"
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
-def _diffusers():
-    return import_extra("diffusers")
-
-
 def scheduler_for(module) -> Any:
     """The diffusers scheduler that runs the model's own sampler on its noise schedule: DDIM (trailing spacing),
     DPM-Solver++(2M) or DDPM, with the model's prediction type."""
-    diffusers = _diffusers()
+    diffusers = import_extra("diffusers")
     schedule = module.rebuild_config["schedule"]
     kind = schedule.get("kind", "scaled_linear")
     if kind == "cosine" and abs(schedule.get("cosine_s", 0.008) - 0.008) > 1e-12:
@@ -84,7 +80,7 @@ def _text_components(module, networks) -> dict[str, Any]:
 
 def to_diffusers_pipeline(module, use_ema: bool = True):
     """The diffusers pipeline of a loaded stage-2 ``DiffusionModule`` (see the table above)."""
-    diffusers = _diffusers()
+    diffusers = import_extra("diffusers")
     from lightning_ldm.interop.unet import unet_to_diffusers
 
     networks = module.ema.model if use_ema else module.trained_networks()

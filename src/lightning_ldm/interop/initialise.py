@@ -20,20 +20,13 @@ from typing import Union
 import torch
 from torch import nn
 
+from lightning_ldm.diffusion.checkpoint import EXPORT_FORMAT as DIFFUSION_FORMAT
 from lightning_ldm.errors import CheckpointError
+from lightning_ldm.file_format import read_weights, safetensors_metadata, torch_load
 from lightning_ldm.strict_loading import load_state_strictly
 
 ORIGINAL_CLASS_TABLE = "cond_stage_model.embedding.weight"  # LDM's ClassEmbedder (cross-attention class models)
 TEXT_PREFIX = "cond_stage_model.transformer."  # LDM's BERTEmbedder
-
-
-def _is_our_checkpoint(path: Path) -> bool:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format") == "lightning_ldm.diffusion"
-    return False
 
 
 def _copy_class_table(conditioner, table: torch.Tensor, source: Path) -> None:
@@ -73,14 +66,9 @@ def _from_diffusers(path: Path, unet: nn.Module, conditioner) -> list[str]:
     return parts
 
 
-def _from_original(path: Path, unet: nn.Module, conditioner) -> list[str]:
+def _from_original(path: Path, state, unet: nn.Module, conditioner) -> list[str]:
     from lightning_ldm.interop.unet import ORIGINAL_PREFIX, unet_from_original
 
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:
-        raise CheckpointError(f"module.init_from={path} cannot be read as a checkpoint ({type(error).__name__})") from None
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
     if not any(str(key).startswith(ORIGINAL_PREFIX) for key in state):
         raise CheckpointError(f"module.init_from={path} is neither a lightning_ldm stage-2 checkpoint nor an original "
                               f"LDM checkpoint (no {ORIGINAL_PREFIX}* keys; first keys: {list(state)[:3]})")
@@ -107,6 +95,23 @@ def _from_original(path: Path, unet: nn.Module, conditioner) -> list[str]:
     return parts
 
 
+def _read(path: Path):
+    try:
+        return torch_load(path)
+    except Exception as error:
+        raise CheckpointError(f"module.init_from={path} cannot be read as a checkpoint ({type(error).__name__})") from None
+
+
+def _from_ours(path: Path, unet: nn.Module, conditioner) -> list[str]:
+    """Our stage-2 file's EMA weights (what it samples with), UNet and conditioner whole."""
+    from lightning_ldm.diffusion.checkpoint import load_diffusion_model
+
+    networks = load_diffusion_model(str(path)).ema.model
+    load_state_strictly(unet, networks["unet"].state_dict(), path)
+    load_state_strictly(conditioner, networks["conditioner"].state_dict(), path)
+    return ["UNet", "conditioner"]
+
+
 def initialise_from(source: Union[str, Path], unet: nn.Module, conditioner) -> str:
     """Load another model's weights into ``unet`` and ``conditioner`` (see the module docstring); returns what
     was loaded, for the log."""
@@ -120,23 +125,16 @@ def initialise_from(source: Union[str, Path], unet: nn.Module, conditioner) -> s
         path = resolve_model_file(path)  # one of our run directories
     if path.is_dir():
         parts = _from_diffusers(path, unet, conditioner)
-    elif path.suffix == ".safetensors" and _is_our_checkpoint(path) or _is_our_lightning_checkpoint(path):
-        from lightning_ldm.diffusion.checkpoint import load_diffusion_model
-
-        networks = load_diffusion_model(str(path)).ema.model
-        load_state_strictly(unet, networks["unet"].state_dict(), path)
-        load_state_strictly(conditioner, networks["conditioner"].state_dict(), path)
-        parts = ["UNet", "conditioner"]
+    elif path.suffix == ".safetensors" and safetensors_metadata(path).get("format") == DIFFUSION_FORMAT:
+        parts = _from_ours(path, unet, conditioner)
+    elif path.suffix == ".safetensors":
+        parts = _from_original(path, read_weights(path), unet, conditioner)
     else:
-        parts = _from_original(path, unet, conditioner)
+        checkpoint = _read(path)
+        if isinstance(checkpoint, dict) and (checkpoint.get("lightning_ldm") or {}).get("kind") == "diffusion":
+            parts = _from_ours(path, unet, conditioner)
+        else:
+            state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+            parts = _from_original(path, state, unet, conditioner)
     return f"{', '.join(parts)} from {path}"
 
-
-def _is_our_lightning_checkpoint(path: Path) -> bool:
-    if path.suffix != ".ckpt":
-        return False
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        return False
-    return isinstance(checkpoint, dict) and (checkpoint.get("lightning_ldm") or {}).get("kind") == "diffusion"

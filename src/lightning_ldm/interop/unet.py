@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ldm.extras import import_extra
+from lightning_ldm.file_format import read_weights
 from lightning_ldm.interop.architecture import Architecture, build
 from lightning_ldm.errors import CheckpointError, ConfigError
 from lightning_ldm.strict_loading import load_state_strictly
@@ -653,22 +654,11 @@ def _model_folder(source: Path) -> Path:
 def _read_weights(folder: Path) -> dict[str, Tensor]:
     for name in DIFFUSERS_WEIGHT_FILES:
         if (folder / name).is_file():
-            return _read_weights_file(folder / name)
+            return read_weights(folder / name)
     for name in DIFFUSERS_WEIGHT_FILES:  # sharded: an index names each tensor's file
         index = folder / f"{name}.index.json"
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {key: value for shard in shards for key, value in _read_weights_file(folder / shard).items()}
+            return {key: value for shard in shards for key, value in read_weights(folder / shard).items()}
     raise CheckpointError(f"{folder}: no diffusers weights ({' or '.join(DIFFUSERS_WEIGHT_FILES)}, or a sharded "
                           "index of them)")
-
-
-def _read_weights_file(path: Path) -> dict[str, Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{path} could not be read ({type(error).__name__})") from None

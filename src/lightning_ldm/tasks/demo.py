@@ -10,16 +10,14 @@ from omegaconf import DictConfig
 
 from lightning_ldm.diffusion.checkpoint import newest_checkpoint
 from lightning_ldm.errors import CheckpointError, ConfigError, UserError
-from lightning_ldm.extras import require_extra
+from lightning_ldm.extras import import_extra
 from lightning_ldm.pipeline import LatentDiffusionPipeline, load_pipeline
+from lightning_ldm.training.loggers import training_run_of
 
 
 def _gradio():
-    require_extra("demo")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read at import and launch: no telemetry, no version check
-    import gradio
-
-    return gradio
+    return import_extra("demo")
 
 
 def free_port(host: str) -> int:
@@ -71,8 +69,8 @@ def build_app(pipe: LatentDiffusionPipeline, max_images: int, max_steps: int, na
 
 def model_name(ckpt) -> str:
     """The run's name for a run's checkpoint or export, else the file's."""
-    path = Path(ckpt)
-    return path.parent.parent.name if path.parent.name in ("checkpoints", "export") else path.name
+    run = training_run_of(Path(ckpt))
+    return run.name if run is not None else Path(ckpt).name
 
 
 def demo(cfg: DictConfig) -> None:

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from lightning_ldm import atomic
 from lightning_ldm.diffusion.seeds import read_prompts
-from lightning_ldm.errors import CheckpointError, ConfigError
+from lightning_ldm.errors import ConfigError
+from lightning_ldm.file_format import model_kind
 from lightning_ldm.metrics.callback import as_spec
 from lightning_ldm.distributed import gather_rows, rank_and_world, shard
 from lightning_ldm.metrics.features import build_feature_extractor, check_spec
@@ -40,28 +41,9 @@ from lightning_ldm.metrics.sampling import SamplingSettings, generated_features
 from lightning_ldm.metrics.scores import distribution_metrics
 from lightning_ldm.metrics.weights import file_sha256
 from lightning_ldm.tasks.run_dir import git_revision, package_versions, record_run
-from lightning_ldm.training.loggers import log_to_training_run, training_run_of
 from lightning_ldm.tasks.run_lock import holds_run_lock
 from lightning_ldm.training.images import make_grid, save_png, to_uint8
-
-
-def checkpoint_kind(path: Path) -> str:
-    """"diffusion" (stage-2 .ckpt or EMA export) or "autoencoder" (stage-1 export), from the file itself."""
-    if not path.is_file():
-        raise CheckpointError(f"evaluate.ckpt={path}: no such file")
-    if path.suffix != ".safetensors":
-        return "diffusion"
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            form = (handle.metadata() or {}).get("format")
-    except Exception as error:
-        raise CheckpointError(f"{path} is not a safetensors file ({type(error).__name__})") from None
-    kinds = {"lightning_ldm.diffusion": "diffusion", "lightning_ldm.autoencoder": "autoencoder"}
-    if form not in kinds:
-        raise CheckpointError(f"{path} is neither a stage-1 nor a stage-2 lightning_ldm export (format={form!r})")
-    return kinds[form]
+from lightning_ldm.training.loggers import log_to_training_run, training_run_of
 
 
 @holds_run_lock
@@ -73,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if options.num_samples < 2 or options.batch_size < 1:
         raise ConfigError(f"evaluate.num_samples={options.num_samples} must be >= 2 and batch_size >= 1")
     ckpt = Path(options.ckpt).expanduser().resolve()
-    kind = checkpoint_kind(ckpt)
+    kind = model_kind(ckpt, "evaluate.ckpt")
     spec = as_spec(options.feature_extractor)
     check_spec(spec, "evaluate.feature_extractor")  # a missing weights file stops here, before any work
     precision = options.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")

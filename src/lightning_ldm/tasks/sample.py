@@ -74,7 +74,7 @@ def sample(cfg: DictConfig) -> None:
     prompts_for(seeds[:1], prompt_pool, module.conditioner.reads_text)  # refuses a mismatch before any work
     mine = seeds[fabric.global_rank::fabric.world_size]
     todo = mine if options.format == "npz" else samples_to_make(mine, out_dir)
-    shape = (module.first_stage.latent_channels, module.latent_size, module.latent_size)
+    shape = module.latent_shape()
     produced: dict[int, np.ndarray] = {}
     batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
     if fabric.device.type == "cuda":
@@ -158,15 +158,10 @@ def sample_from_images(cfg: DictConfig, fabric: Fabric, module, out_dir: Path, p
                                factor=1 if super_resolution else factor)
     seeds = list(range(options.seed_start, options.seed_start + len(inputs.names)))
     prompts_for(seeds[:1], prompt_pool, module.conditioner.reads_text)
-    if super_resolution:
-        embedder = module.conditioner.embedder("low_res")
-        try:
-            shape = (module.first_stage.latent_channels, embedder.latent_size(inputs.pixels.shape[-2]),
-                     embedder.latent_size(inputs.pixels.shape[-1]))
-        except DataError as error:
-            raise DataError(f"sample.images: {error}") from None
-    else:
-        shape = (module.first_stage.latent_channels, inputs.pixels.shape[-2] // factor, inputs.pixels.shape[-1] // factor)
+    try:
+        shape = module.latent_shape(**{"low_res" if super_resolution else "image": inputs.pixels})
+    except DataError as error:
+        raise DataError(f"sample.images: {error}") from None
     mine = list(range(len(seeds)))[fabric.global_rank::fabric.world_size]
     outputs: dict[int, torch.Tensor] = {}
     for start in tqdm(range(0, len(mine), options.batch_size), desc="sampling from images",
