@@ -147,3 +147,20 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_keeps_the_logged_histor
         ("start", None, None), ("end", stopped_at, f"stopped by {signum.name}"),
         ("resume", stopped_at, None), ("end", stopped_at + 3, "finished")]
     assert history[2]["changes"]["max_steps"] == [100000, stopped_at + 3]
+
+
+def test_a_run_started_from_other_weights_resumes_from_its_own_checkpoint_without_them(compose, tmp_path, export):
+    import shutil
+
+    source = _run(compose, tmp_path, export, "source", 2) / "export" / "ldm-ema.safetensors"
+    init = tmp_path / "init.safetensors"
+    shutil.copy(source, init)
+
+    def run(name, steps):
+        if name == "half" and (tmp_path / "half").exists():
+            init.unlink()  # a resume restores the run's checkpoint: its starting weights may be gone by then
+        return _run(compose, tmp_path, export, name, steps, f"module.init_from={init}")
+
+    _matches_uninterrupted(run)
+    plain = _run(compose, tmp_path, export, "plain", 1)
+    assert _losses(plain)[0] != pytest.approx(_losses(tmp_path / "full")[0])  # the init took effect in training
