@@ -2,7 +2,7 @@
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 
@@ -10,6 +10,22 @@ from lightning_ldm.errors import CheckpointError
 
 # The "format" metadata of our safetensors exports -> the stage that wrote them.
 EXPORT_KINDS = {"lightning_ldm.diffusion": "diffusion", "lightning_ldm.autoencoder": "autoencoder"}
+
+
+def resolve_model_file(source: Union[str, Path]) -> Path:
+    """A file, or the file a run directory's model lives in: a stage-2 run's EMA export (else its last
+    checkpoint), a stage-1 run's autoencoder export."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist: give a run directory, a stage-2 checkpoint or export "
+                              "(.ckpt, ldm-ema.safetensors) or a stage-1 export (autoencoder.safetensors)")
+    for candidate in ("export/ldm-ema.safetensors", "checkpoints/last.ckpt", "export/autoencoder.safetensors"):
+        if (path / candidate).is_file():
+            return path / candidate
+    raise CheckpointError(f"{path} holds no model: a run directory has export/ldm-ema.safetensors, "
+                          "checkpoints/last.ckpt (stage 2) or export/autoencoder.safetensors (stage 1)")
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

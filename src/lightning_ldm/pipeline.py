@@ -20,26 +20,10 @@ import torch
 from PIL import Image
 
 from lightning_ldm.diffusion.image_inputs import PIL_MODES, check_divisible, keep_mask, to_pixels
-from lightning_ldm.errors import CheckpointError, ConfigError, DataError
-from lightning_ldm.file_format import model_kind
+from lightning_ldm.errors import ConfigError, DataError
+from lightning_ldm.file_format import model_kind, resolve_model_file
 
 PILImages = Union[Image.Image, Sequence[Image.Image]]
-
-
-def resolve_model_file(source: Union[str, Path]) -> Path:
-    """A file, or the file a run directory's model lives in: a stage-2 run's EMA export (else its last
-    checkpoint), a stage-1 run's autoencoder export."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"{path} does not exist: give a run directory, a stage-2 checkpoint or export "
-                              "(.ckpt, ldm-ema.safetensors) or a stage-1 export (autoencoder.safetensors)")
-    for candidate in ("export/ldm-ema.safetensors", "checkpoints/last.ckpt", "export/autoencoder.safetensors"):
-        if (path / candidate).is_file():
-            return path / candidate
-    raise CheckpointError(f"{path} holds no model: a run directory has export/ldm-ema.safetensors, "
-                          "checkpoints/last.ckpt (stage 2) or export/autoencoder.safetensors (stage 1)")
 
 
 def _default_device(device: Union[str, torch.device, None]) -> torch.device:

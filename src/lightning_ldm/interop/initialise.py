@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_ldm.diffusion.checkpoint import EXPORT_FORMAT as DIFFUSION_FORMAT
 from lightning_ldm.errors import CheckpointError
-from lightning_ldm.file_format import read_weights, safetensors_metadata, torch_load
+from lightning_ldm.file_format import read_weights, resolve_model_file, safetensors_metadata, torch_load
 from lightning_ldm.strict_loading import load_state_strictly
 
 ORIGINAL_CLASS_TABLE = "cond_stage_model.embedding.weight"  # LDM's ClassEmbedder (cross-attention class models)
@@ -120,8 +120,6 @@ def initialise_from(source: Union[str, Path], unet: nn.Module, conditioner) -> s
         raise CheckpointError(f"module.init_from={path} does not exist: give a stage-2 run or file, an original LDM "
                               "checkpoint or a diffusers folder")
     if path.is_dir() and not ((path / "unet").is_dir() or (path / "config.json").is_file()):
-        from lightning_ldm.pipeline import resolve_model_file
-
         path = resolve_model_file(path)  # one of our run directories
     if path.is_dir():
         parts = _from_diffusers(path, unet, conditioner)

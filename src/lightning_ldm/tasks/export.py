@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from lightning_ldm.diffusion.checkpoint import load_diffusion_model, newest_checkpoint
 from lightning_ldm.errors import CheckpointError, ConfigError
-from lightning_ldm.pipeline import resolve_model_file
+from lightning_ldm.file_format import resolve_model_file
 from lightning_ldm.training.loggers import log_to_training_run, training_run_of
 
 
