@@ -140,7 +140,7 @@ def test_a_diffusers_vae_folder_gives_an_autoencoder_pipeline_that_reconstructs_
     pipe = lightning_ldm.load_pipeline(tmp_path / "sd", device="cpu")  # a pipeline folder: its vae/
     assert isinstance(pipe, AutoencoderPipeline) and float(pipe.first_stage.scale_factor) == 0.5
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         expected = vae.decode(vae.encode(pixels).latent_dist.mean).sample
     ours = np.asarray(pipe.reconstruct(image)[0]).astype(int)
