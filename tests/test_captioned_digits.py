@@ -52,6 +52,25 @@ def test_scene_mix_covers_every_fact():
     assert {d.size for d in digits} == set(SIZES)
 
 
+def test_max_digits_1_draws_single_digit_scenes_and_2_keeps_the_mix():
+    single = [dataset_scene(0, i, max_digits=1).facts for i in range(600)]
+    assert all(len(f.digits) == 1 and f.relation is None for f in single)
+    digits = [f.digits[0] for f in single]
+    assert {d.digit for d in digits} == set(range(10)) and {d.colour for d in digits} == set(PALETTE)
+    assert {d.size for d in digits} == set(SIZES)
+    two = sum(len(dataset_scene(0, i).facts.digits) == 2 for i in range(600))
+    assert 0.6 < two / 600 < 0.73  # the default mix: two digits in two scenes of three
+    for kind in ("seen", "held_out"):
+        assert all(parse_caption(p).relation is None for p in evaluation_prompts(kind, 100, max_digits=1))
+    held = set(HELD_OUT_PAIRS)
+    assert all((parse_caption(p).digits[0].digit, parse_caption(p).digits[0].colour) in held
+               for p in evaluation_prompts("held_out", 100, max_digits=1))
+    module = CaptionedDigitsDataModule(max_digits=1, num_scenes=50)
+    assert module._source_identity()["max_digits"] == 1
+    assert "max_digits" not in CaptionedDigitsDataModule(num_scenes=50)._source_identity()  # earlier caches' key
+    assert all(len(module._load_source().scene(i).facts.digits) == 1 for i in range(50))
+
+
 def test_held_out_pairs_never_appear_in_any_scene():
     held = set(HELD_OUT_PAIRS)
     for i in range(20000):  # the default num_scenes, train and val alike
@@ -93,7 +112,8 @@ def test_unknown_phrasing_is_a_one_line_error_naming_the_prompt(prompt):
 
 def test_flip_and_other_bad_settings_are_refused_in_one_line():
     for kwargs, key in [({"flip": True}, "data.flip"), ({"channels": 1}, "data.channels"),
-                        ({"num_scenes": 1}, "data.num_scenes"), ({"image_size": 16}, "data.image_size")]:
+                        ({"num_scenes": 1}, "data.num_scenes"), ({"image_size": 16}, "data.image_size"),
+                        ({"max_digits": 3}, "data.max_digits"), ({"max_digits": 0}, "data.max_digits")]:
         with pytest.raises(ConfigError) as error:
             CaptionedDigitsDataModule(**kwargs)
         assert str(error.value).startswith(key) and "\n" not in str(error.value)

@@ -13,7 +13,7 @@
 #   DEVICE=cpu AE_SECONDS=180 TRAIN_SECONDS=420 bash experiments/txt2img_digits/run.sh   # the CPU quickstart
 # Environment: OUT (/tmp/out), WORK (outputs/txt2img_digits), DEVICE (gpu | cpu), SIZE (64; 32 on the CPU), AE_SECONDS (180),
 # TRAIN_SECONDS (300), AE_EXPERIMENT, LDM_EXPERIMENT (the -cpu presets on the CPU), LDM_ARGS (extra overrides),
-# COUNT (200), REPEATS (3), GUIDANCE (3), SMOKE=1 (tiny sizes, a check of the commands).
+# MAX_DIGITS (2; 1 on the CPU), COUNT (200), REPEATS (3), GUIDANCE (3), SMOKE=1 (tiny sizes, a check of the commands).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
@@ -22,6 +22,7 @@ DEVICE=${DEVICE:-gpu} SMOKE=${SMOKE:-0}
 SIZE=${SIZE:-$([ "$DEVICE" = cpu ] && echo 32 || echo 64)}
 AE_SECONDS=${AE_SECONDS:-180} TRAIN_SECONDS=${TRAIN_SECONDS:-300}
 COUNT=${COUNT:-200} REPEATS=${REPEATS:-3} GUIDANCE=${GUIDANCE:-3}
+MAX_DIGITS=${MAX_DIGITS:-$([ "$DEVICE" = cpu ] && echo 1 || echo 2)}   # the presets' data.max_digits
 suffix=$([ "$DEVICE" = cpu ] && echo -cpu)
 AE_EXPERIMENT=${AE_EXPERIMENT:-txt2img-digits$suffix-autoencoder} LDM_EXPERIMENT=${LDM_EXPERIMENT:-txt2img-digits$suffix}
 WORK=$(realpath -m "${WORK:-outputs/txt2img_digits}")
@@ -40,10 +41,10 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
 python3 -c "import torch, lightning, tokenizers; print('torch', torch.__version__, 'lightning', lightning.__version__, 'tokenizers', tokenizers.__version__)"
 echo "git $(git rev-parse --short HEAD 2>/dev/null); phases ${phases[*]}; SIZE=$SIZE DEVICE=$DEVICE AE_SECONDS=$AE_SECONDS" \
-     "TRAIN_SECONDS=$TRAIN_SECONDS COUNT=$COUNT REPEATS=$REPEATS GUIDANCE=$GUIDANCE"
+     "TRAIN_SECONDS=$TRAIN_SECONDS MAX_DIGITS=$MAX_DIGITS COUNT=$COUNT REPEATS=$REPEATS GUIDANCE=$GUIDANCE"
 
 # Eager: compiling took 144 s of a 220 s training-time budget on an H100, more than it gave back in minutes.
-common=(data.image_size=$SIZE logger=csv "paths.output_root=$WORK" callbacks.progress=null
+common=(data.image_size=$SIZE data.max_digits=$MAX_DIGITS logger=csv "paths.output_root=$WORK" callbacks.progress=null
         +trainer.enable_progress_bar=false module.compile=false)
 [ "$DEVICE" = cpu ] && common+=(trainer=cpu)
 extra_ae=() extra_ldm=() extra_sample=()
@@ -73,7 +74,8 @@ for phase in "${phases[@]}"; do
       python3 -m lightning_ldm "experiment=$LDM_EXPERIMENT" "${common[@]}" run_name=ldm "autoencoder.path=$EXPORT" \
         max_steps=100000000 "max_train_seconds=$TRAIN_SECONDS" "${extra_ldm[@]}" ${LDM_ARGS:-} ;;
     sample)
-      python3 experiments/txt2img_digits/score.py --write-prompts "$WORK/prompts" --count "$COUNT" --reader unused &&
+      python3 experiments/txt2img_digits/score.py --write-prompts "$WORK/prompts" --count "$COUNT" --reader unused \
+        --max-digits "$MAX_DIGITS" &&
       for kind in seen held_out; do
         rm -rf "$WORK/sample/$kind"
         python3 -m lightning_ldm stage=sample "sample.ckpt=$CKPT" "paths.output_root=$WORK" run_name=$kind \
@@ -83,7 +85,7 @@ for phase in "${phases[@]}"; do
     score)
       python3 experiments/txt2img_digits/score.py --repeats "$REPEATS" --reader "$WORK/digit_reader.safetensors" \
         --samples "seen=$WORK/sample/seen/images" "held_out=$WORK/sample/held_out/images" \
-        --out "$WORK/scores.json" ;;
+        --max-digits "$MAX_DIGITS" --out "$WORK/scores.json" ;;
     *) echo "unknown phase $phase (ae ldm sample score)"; false ;;
   esac
   echo "=== $phase: exit $?, $(( $(date +%s) - start )) s wall"

@@ -47,8 +47,9 @@ def load_samples(folder: Path) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), [row["text"] for row in rows]
 
 
-def real_scenes(kind: str, count: int, image_size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    scenes = evaluation_scenes(kind, count, seed)
+def real_scenes(kind: str, count: int, image_size: int, seed: int,
+                max_digits: int) -> tuple[torch.Tensor, list[str]]:
+    scenes = evaluation_scenes(kind, count, seed, max_digits)
     return torch.stack([render_scene(s, image_size) for s in scenes]), [describe_scene(s) for s in scenes]
 
 
@@ -86,13 +87,14 @@ def main() -> None:
     parser.add_argument("--reader", required=True, help="digit reader (.safetensors); trained and saved if missing")
     parser.add_argument("--write-prompts", help="folder: write seen.txt and held_out.txt (--count prompts each)")
     parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--max-digits", type=int, default=2, help="the data's max_digits (1: single-digit scenes)")
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args()
     if args.write_prompts:
         folder = Path(args.write_prompts)
         folder.mkdir(parents=True, exist_ok=True)
         for kind in ("seen", "held_out"):
-            prompts = [describe_scene(s) for s in evaluation_scenes(kind, args.count)]
+            prompts = [describe_scene(s) for s in evaluation_scenes(kind, args.count, max_digits=args.max_digits)]
             (folder / f"{kind}.txt").write_text("\n".join(prompts) + "\n")
         print(f"wrote {args.count} prompts each to {folder}/seen.txt and held_out.txt")
     if not args.samples:
@@ -110,13 +112,13 @@ def main() -> None:
         images, prompts = load_samples(Path(folder))
         count = len(prompts) // args.repeats
         size = images.shape[-1]
-        real, real_prompts = real_scenes(kind, count, size, seed=0)
+        real, real_prompts = real_scenes(kind, count, size, seed=0, max_digits=args.max_digits)
         if real_prompts != prompts[:count]:
             raise SystemExit(f"{folder}: its prompts are not evaluation_prompts({kind!r}, {count}) in order")
-        other, _ = real_scenes(kind, count * args.repeats, size, seed=1)
+        other, _ = real_scenes(kind, count * args.repeats, size, seed=1, max_digits=args.max_digits)
         reference = real.repeat(args.repeats, 1, 1, 1)
         entry = {
-            "n_images": len(images), "n_prompts": count, "repeats": args.repeats, "image_size": size,
+            "n_images": len(images), "max_digits": args.max_digits, "n_prompts": count, "repeats": args.repeats, "image_size": size,
             "samples": block_scores(images, prompts, reader, args.repeats),
             "shuffled_prompts": block_scores(images, prompts[1:] + prompts[:1], reader, args.repeats),
             "real_scenes": block_scores(real, prompts[:count], reader, 1),

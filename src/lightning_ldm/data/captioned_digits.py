@@ -4,7 +4,7 @@ Text-to-image models need images whose captions can be checked. No captioned pho
 so each image is a scene composed from the 5,000 embedded MNIST digits (``lightning_ldm.data.digits``) on a
 black RGB canvas, and its captions are written from the scene's facts:
 
-- one or two digits; each has a digit class, a colour of ``PALETTE`` (colours far apart in RGB, so that they can
+- one or two digits (``max_digits`` 1: always one); each has a digit class, a colour of ``PALETTE`` (colours far apart in RGB, so that they can
   be read back from pixels) and a size of ``SIZES`` (two clearly different scales);
 - two digits stand in a relation of ``RELATIONS`` (left of / right of / above / below) that fixes where they are,
   with a little jitter;
@@ -59,6 +59,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 MIN_IMAGE_SIZE = 32
 GENERATOR_VERSION = "captioned-digits-v1"
 
+MAX_DIGITS = (1, 2)
 _TWO_DIGIT_SHARE = 2 / 3  # relations are what text conditioning finds hardest, so most scenes have two digits
 _NEAR, _FAR = 0.24, 0.76  # centres of the two digits along the relation's axis: large digits keep a clear gap
 _AXIS_JITTER, _CROSS_JITTER, _SINGLE_JITTER = 0.01, 0.10, 0.12  # fractions of the canvas side
@@ -212,11 +213,12 @@ def _centres(rng: np.random.Generator, relation: Optional[str]) -> tuple[tuple[f
 
 
 def draw_scene(rng: np.random.Generator, *, first: str = "seen", second: str = "seen",
-               pool: Optional[Sequence[np.ndarray]] = None) -> Scene:
+               pool: Optional[Sequence[np.ndarray]] = None, max_digits: int = 2) -> Scene:
     """One random scene. ``first`` / ``second`` name the (digit, colour) pairs each digit may use (``"seen"``,
-    ``"held_out"``, ``"any"``); ``pool`` is the MNIST indices of each class to take digits from (all by default)."""
+    ``"held_out"``, ``"any"``); ``pool`` is the MNIST indices of each class to take digits from (all by default);
+    ``max_digits`` 1 makes every scene a single digit (the draws are otherwise those of 2)."""
     pool = pool if pool is not None else _digits_by_class()
-    two = rng.random() < _TWO_DIGIT_SHARE
+    two = rng.random() < _TWO_DIGIT_SHARE and max_digits == 2
     relation = str(rng.choice(RELATIONS)) if two else None
     drawn = [_draw_digit(rng, _allowed_colours(first), pool)]
     if two:
@@ -225,12 +227,13 @@ def draw_scene(rng: np.random.Generator, *, first: str = "seen", second: str = "
     return Scene(facts, tuple(s for _, s in drawn), _centres(rng, relation))
 
 
-def dataset_scene(seed: int, index: int) -> Scene:
+def dataset_scene(seed: int, index: int, max_digits: int = 2) -> Scene:
     """Scene ``index`` of the dataset with ``seed``: its own generator, so it does not depend on the others."""
-    return draw_scene(np.random.default_rng([seed, index]))
+    return draw_scene(np.random.default_rng([seed, index]), max_digits=max_digits)
 
 
-def evaluation_scenes(kind: Literal["seen", "held_out"], count: int, seed: int = 0) -> list[Scene]:
+def evaluation_scenes(kind: Literal["seen", "held_out"], count: int, seed: int = 0,
+                      max_digits: int = 2) -> list[Scene]:
     """``count`` deterministic scenes for scoring a model: ``"seen"`` uses only (digit, colour) pairs found in the
     dataset; ``"held_out"`` gives its first digit a pair of ``HELD_OUT_PAIRS`` (the second, if any, may be either).
     Drawn from their own generator stream, so they are new scenes in the dataset's proportions; rendered, they are
@@ -239,13 +242,13 @@ def evaluation_scenes(kind: Literal["seen", "held_out"], count: int, seed: int =
         raise ConfigError(f"evaluation prompts are 'seen' or 'held_out', got {kind!r}")
     stream = {"seen": 1, "held_out": 2}[kind]
     second = "seen" if kind == "seen" else "any"
-    return [draw_scene(np.random.default_rng([seed, index, stream]), first=kind, second=second)
+    return [draw_scene(np.random.default_rng([seed, index, stream]), first=kind, second=second, max_digits=max_digits)
             for index in range(count)]
 
 
-def evaluation_prompts(kind: Literal["seen", "held_out"], count: int, seed: int = 0) -> list[str]:
-    """The captions of ``evaluation_scenes(kind, count, seed)``."""
-    return [describe_scene(scene) for scene in evaluation_scenes(kind, count, seed)]
+def evaluation_prompts(kind: Literal["seen", "held_out"], count: int, seed: int = 0, max_digits: int = 2) -> list[str]:
+    """The captions of ``evaluation_scenes(kind, count, seed, max_digits)``."""
+    return [describe_scene(scene) for scene in evaluation_scenes(kind, count, seed, max_digits)]
 
 
 # ---------------------------------------------------------------- pixels
@@ -296,8 +299,8 @@ class CaptionedDigitScenes:
     """The data source: ``num_scenes`` scenes of ``dataset_scene(seed, i)``, rendered at ``image_size`` per item;
     label = the first digit's class."""
 
-    def __init__(self, num_scenes: int, image_size: int, seed: int):
-        self.num_scenes, self.image_size, self.seed = num_scenes, image_size, seed
+    def __init__(self, num_scenes: int, image_size: int, seed: int, max_digits: int = 2):
+        self.num_scenes, self.image_size, self.seed, self.max_digits = num_scenes, image_size, seed, max_digits
 
     def __len__(self) -> int:
         return self.num_scenes
@@ -307,7 +310,7 @@ class CaptionedDigitScenes:
 
     @functools.lru_cache(maxsize=None)  # a scene is a few small objects; drawing it again costs more
     def scene(self, index: int) -> Scene:
-        return dataset_scene(self.seed, index)
+        return dataset_scene(self.seed, index, self.max_digits)
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         scene = self.scene(index)
@@ -336,12 +339,15 @@ class CaptionedDigitsDataModule(ImageDataModule):
         flip: bool = False,
         seed: int = 0,
         channels: int = 3,
+        max_digits: int = 2,
     ):
         if channels != 3:
             raise ConfigError(f"data.channels must be 3 for captioned_digits (colours are in the captions), "
                               f"got {channels}")
         if flip:
             raise ConfigError("data.flip must be false for captioned_digits: a mirrored digit is not a digit")
+        if max_digits not in MAX_DIGITS:
+            raise ConfigError(f"data.max_digits must be 1 or 2 for captioned_digits, got {max_digits}")
         if num_scenes < 2:
             raise ConfigError(f"data.num_scenes must be at least 2, got {num_scenes}")
         if image_size < MIN_IMAGE_SIZE:
@@ -350,10 +356,10 @@ class CaptionedDigitsDataModule(ImageDataModule):
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          val_fraction=val_fraction, flip=flip, seed=seed)
         self.name = "captioned_digits"
-        self.num_scenes = num_scenes
+        self.num_scenes, self.max_digits = num_scenes, max_digits
 
     def _load_source(self) -> CaptionedDigitScenes:
-        return CaptionedDigitScenes(self.num_scenes, self.image_size, self.seed)
+        return CaptionedDigitScenes(self.num_scenes, self.image_size, self.seed, self.max_digits)
 
     def _source_identity(self) -> dict[str, Any]:
         return {
@@ -365,4 +371,5 @@ class CaptionedDigitsDataModule(ImageDataModule):
             "sizes": dict(SIZES),
             "held_out_pairs": [list(pair) for pair in HELD_OUT_PAIRS],
             "generator": GENERATOR_VERSION,
+            **({"max_digits": self.max_digits} if self.max_digits != 2 else {}),  # earlier caches keep their key
         }
