@@ -71,6 +71,21 @@ def test_max_digits_1_draws_single_digit_scenes_and_2_keeps_the_mix():
     assert all(len(module._load_source().scene(i).facts.digits) == 1 for i in range(50))
 
 
+def test_digit_scale_draws_the_same_scenes_larger():
+    plain = CaptionedDigitScenes(40, 32, seed=0, max_digits=1)
+    large = CaptionedDigitScenes(40, 32, seed=0, max_digits=1, digit_scale=2.0)
+    for i in range(40):
+        assert plain.captions(i) == large.captions(i)
+        extents = []
+        for source in (plain, large):
+            rows, cols = torch.nonzero(source.load(i)[0].amax(0) > 0, as_tuple=True)
+            extents.append(max(rows.max() - rows.min(), cols.max() - cols.min()) + 1)
+        size = plain.scene(i).facts.digits[0].size
+        assert extents[0] == round(SIZES[size] * 32) and extents[1] == round(2 * SIZES[size] * 32), (i, extents)
+    module = CaptionedDigitsDataModule(max_digits=1, digit_scale=2.0, num_scenes=50)
+    assert module._source_identity()["digit_scale"] == 2.0
+
+
 def test_held_out_pairs_never_appear_in_any_scene():
     held = set(HELD_OUT_PAIRS)
     for i in range(20000):  # the default num_scenes, train and val alike
@@ -113,7 +128,9 @@ def test_unknown_phrasing_is_a_one_line_error_naming_the_prompt(prompt):
 def test_flip_and_other_bad_settings_are_refused_in_one_line():
     for kwargs, key in [({"flip": True}, "data.flip"), ({"channels": 1}, "data.channels"),
                         ({"num_scenes": 1}, "data.num_scenes"), ({"image_size": 16}, "data.image_size"),
-                        ({"max_digits": 3}, "data.max_digits"), ({"max_digits": 0}, "data.max_digits")]:
+                        ({"max_digits": 3}, "data.max_digits"), ({"max_digits": 0}, "data.max_digits"),
+                        ({"digit_scale": 1.5}, "data.digit_scale"), ({"digit_scale": 0.3}, "data.digit_scale"),
+                        ({"digit_scale": 2.5, "max_digits": 1}, "data.digit_scale")]:
         with pytest.raises(ConfigError) as error:
             CaptionedDigitsDataModule(**kwargs)
         assert str(error.value).startswith(key) and "\n" not in str(error.value)

@@ -49,6 +49,16 @@ def test_true_captions_score_high(reader, image_size):
     assert result["colour"] > 0.99 and result["size"] > 0.98 and result["relation"] > 0.98 and result["count"] > 0.98
 
 
+def test_single_large_digits_of_a_small_canvas_are_read_at_their_scale(reader):
+    source = CaptionedDigitScenes(N, 32, seed=0, max_digits=1, digit_scale=2.0)
+    images = torch.stack([source.load(i)[0] for i in range(N)])
+    captions = [source.captions(i)[0] for i in range(N)]
+    result = score_prompts(images, captions, reader, digit_scale=2.0)
+    assert result["all"] > 0.9 and result["size"] > 0.98 and result["count"] > 0.98, result
+    # read at the default scale every digit looks large: the small half of the sizes is wrong
+    assert 0.35 < score_prompts(images, captions, reader)["size"] < 0.65
+
+
 def test_unseen_handwriting_scores_high(reader):
     scenes = unseen_handwriting_scenes(N)
     images = torch.stack([render_scene(scene, 64) for scene in scenes])

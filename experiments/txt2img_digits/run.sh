@@ -12,8 +12,8 @@
 #   SKIP_INSTALL=1 bash experiments/txt2img_digits/run.sh sample score     # machine, which keeps outputs/)
 #   DEVICE=cpu AE_SECONDS=180 TRAIN_SECONDS=420 bash experiments/txt2img_digits/run.sh   # the CPU quickstart
 # Environment: OUT (/tmp/out), WORK (outputs/txt2img_digits), DEVICE (gpu | cpu), SIZE (64; 32 on the CPU), AE_SECONDS (180),
-# TRAIN_SECONDS (300), AE_EXPERIMENT, LDM_EXPERIMENT (the -cpu presets on the CPU), LDM_ARGS (extra overrides),
-# MAX_DIGITS (2; 1 on the CPU), COUNT (200), REPEATS (3), GUIDANCE (3), SMOKE=1 (tiny sizes, a check of the commands).
+# TRAIN_SECONDS (300), AE_EXPERIMENT, LDM_EXPERIMENT (the -cpu presets on the CPU), AE_ARGS, LDM_ARGS (extra overrides),
+# MAX_DIGITS (2; 1 on the CPU), DIGIT_SCALE (1; 2 on the CPU), COUNT (200), REPEATS (3), GUIDANCE (3), SMOKE=1 (tiny sizes, a check of the commands).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
@@ -23,6 +23,7 @@ SIZE=${SIZE:-$([ "$DEVICE" = cpu ] && echo 32 || echo 64)}
 AE_SECONDS=${AE_SECONDS:-180} TRAIN_SECONDS=${TRAIN_SECONDS:-300}
 COUNT=${COUNT:-200} REPEATS=${REPEATS:-3} GUIDANCE=${GUIDANCE:-3}
 MAX_DIGITS=${MAX_DIGITS:-$([ "$DEVICE" = cpu ] && echo 1 || echo 2)}   # the presets' data.max_digits
+DIGIT_SCALE=${DIGIT_SCALE:-$([ "$DEVICE" = cpu ] && echo 2 || echo 1)}  # and data.digit_scale
 suffix=$([ "$DEVICE" = cpu ] && echo -cpu)
 AE_EXPERIMENT=${AE_EXPERIMENT:-txt2img-digits$suffix-autoencoder} LDM_EXPERIMENT=${LDM_EXPERIMENT:-txt2img-digits$suffix}
 WORK=$(realpath -m "${WORK:-outputs/txt2img_digits}")
@@ -41,10 +42,10 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
 python3 -c "import torch, lightning, tokenizers; print('torch', torch.__version__, 'lightning', lightning.__version__, 'tokenizers', tokenizers.__version__)"
 echo "git $(git rev-parse --short HEAD 2>/dev/null); phases ${phases[*]}; SIZE=$SIZE DEVICE=$DEVICE AE_SECONDS=$AE_SECONDS" \
-     "TRAIN_SECONDS=$TRAIN_SECONDS MAX_DIGITS=$MAX_DIGITS COUNT=$COUNT REPEATS=$REPEATS GUIDANCE=$GUIDANCE"
+     "TRAIN_SECONDS=$TRAIN_SECONDS MAX_DIGITS=$MAX_DIGITS DIGIT_SCALE=$DIGIT_SCALE COUNT=$COUNT REPEATS=$REPEATS GUIDANCE=$GUIDANCE"
 
 # Eager: compiling took 144 s of a 220 s training-time budget on an H100, more than it gave back in minutes.
-common=(data.image_size=$SIZE data.max_digits=$MAX_DIGITS logger=csv "paths.output_root=$WORK" callbacks.progress=null
+common=(data.image_size=$SIZE data.max_digits=$MAX_DIGITS data.digit_scale=$DIGIT_SCALE logger=csv "paths.output_root=$WORK" callbacks.progress=null
         +trainer.enable_progress_bar=false module.compile=false)
 [ "$DEVICE" = cpu ] && common+=(trainer=cpu)
 extra_ae=() extra_ldm=() extra_sample=()
@@ -68,7 +69,7 @@ for phase in "${phases[@]}"; do
     ae)
       rm -rf "$WORK/autoencoder/ae"
       python3 -m lightning_ldm "experiment=$AE_EXPERIMENT" "${common[@]}" run_name=ae max_steps=100000000 \
-        "max_train_seconds=$AE_SECONDS" "${extra_ae[@]}" ;;
+        "max_train_seconds=$AE_SECONDS" "${extra_ae[@]}" ${AE_ARGS:-} ;;
     ldm)
       rm -rf "$WORK/diffusion/ldm"
       python3 -m lightning_ldm "experiment=$LDM_EXPERIMENT" "${common[@]}" run_name=ldm "autoencoder.path=$EXPORT" \
@@ -85,7 +86,7 @@ for phase in "${phases[@]}"; do
     score)
       python3 experiments/txt2img_digits/score.py --repeats "$REPEATS" --reader "$WORK/digit_reader.safetensors" \
         --samples "seen=$WORK/sample/seen/images" "held_out=$WORK/sample/held_out/images" \
-        --max-digits "$MAX_DIGITS" --out "$WORK/scores.json" ;;
+        --max-digits "$MAX_DIGITS" --digit-scale "$DIGIT_SCALE" --out "$WORK/scores.json" ;;
     *) echo "unknown phase $phase (ae ldm sample score)"; false ;;
   esac
   echo "=== $phase: exit $?, $(( $(date +%s) - start )) s wall"

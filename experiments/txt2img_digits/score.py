@@ -47,17 +47,19 @@ def load_samples(folder: Path) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), [row["text"] for row in rows]
 
 
-def real_scenes(kind: str, count: int, image_size: int, seed: int,
-                max_digits: int) -> tuple[torch.Tensor, list[str]]:
+def real_scenes(kind: str, count: int, image_size: int, seed: int, max_digits: int,
+                digit_scale: float) -> tuple[torch.Tensor, list[str]]:
     scenes = evaluation_scenes(kind, count, seed, max_digits)
-    return torch.stack([render_scene(s, image_size) for s in scenes]), [describe_scene(s) for s in scenes]
+    return (torch.stack([render_scene(s, image_size, digit_scale) for s in scenes]),
+            [describe_scene(s) for s in scenes])
 
 
-def block_scores(images: torch.Tensor, prompts: list[str], reader: DigitReader, repeats: int) -> dict:
+def block_scores(images: torch.Tensor, prompts: list[str], reader: DigitReader, repeats: int,
+                 digit_scale: float) -> dict:
     """Scores of each seed block, then mean / min / max over blocks."""
     per_block = []
     for block_images, block_prompts in zip(images.chunk(repeats), np.array_split(np.array(prompts), repeats)):
-        result = score_prompts(block_images, list(block_prompts), reader)
+        result = score_prompts(block_images, list(block_prompts), reader, digit_scale)
         per_block.append({fact: result[fact] for fact in FACTS})
     summary = {}
     for fact in FACTS:
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--write-prompts", help="folder: write seen.txt and held_out.txt (--count prompts each)")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--max-digits", type=int, default=2, help="the data's max_digits (1: single-digit scenes)")
+    parser.add_argument("--digit-scale", type=float, default=1.0, help="the data's digit_scale")
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args()
     if args.write_prompts:
@@ -112,16 +115,20 @@ def main() -> None:
         images, prompts = load_samples(Path(folder))
         count = len(prompts) // args.repeats
         size = images.shape[-1]
-        real, real_prompts = real_scenes(kind, count, size, seed=0, max_digits=args.max_digits)
+        real, real_prompts = real_scenes(kind, count, size, seed=0, max_digits=args.max_digits,
+                                          digit_scale=args.digit_scale)
         if real_prompts != prompts[:count]:
             raise SystemExit(f"{folder}: its prompts are not evaluation_prompts({kind!r}, {count}) in order")
-        other, _ = real_scenes(kind, count * args.repeats, size, seed=1, max_digits=args.max_digits)
+        other, _ = real_scenes(kind, count * args.repeats, size, seed=1, max_digits=args.max_digits,
+                               digit_scale=args.digit_scale)
         reference = real.repeat(args.repeats, 1, 1, 1)
         entry = {
-            "n_images": len(images), "max_digits": args.max_digits, "n_prompts": count, "repeats": args.repeats, "image_size": size,
-            "samples": block_scores(images, prompts, reader, args.repeats),
-            "shuffled_prompts": block_scores(images, prompts[1:] + prompts[:1], reader, args.repeats),
-            "real_scenes": block_scores(real, prompts[:count], reader, 1),
+            "n_images": len(images), "max_digits": args.max_digits,
+            "digit_scale": args.digit_scale, "n_prompts": count, "repeats": args.repeats, "image_size": size,
+            "samples": block_scores(images, prompts, reader, args.repeats, args.digit_scale),
+            "shuffled_prompts": block_scores(images, prompts[1:] + prompts[:1], reader, args.repeats,
+                                             args.digit_scale),
+            "real_scenes": block_scores(real, prompts[:count], reader, 1, args.digit_scale),
             "fd_reader": {"samples": fd(reference, images, reader),
                           **{rung: fd(reference, other if rung.startswith("real") else degrade(other, rung, generator),
                                       reader) for rung in RUNGS}},

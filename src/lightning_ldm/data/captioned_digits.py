@@ -5,7 +5,8 @@ so each image is a scene composed from the 5,000 embedded MNIST digits (``lightn
 black RGB canvas, and its captions are written from the scene's facts:
 
 - one or two digits (``max_digits`` 1: always one); each has a digit class, a colour of ``PALETTE`` (colours far apart in RGB, so that they can
-  be read back from pixels) and a size of ``SIZES`` (two clearly different scales);
+  be read back from pixels) and a size of ``SIZES`` (two clearly different scales; ``digit_scale`` scales both,
+  up to 2 when every scene has one digit, as small canvases need);
 - two digits stand in a relation of ``RELATIONS`` (left of / right of / above / below) that fixes where they are,
   with a little jitter;
 - every caption states every fact ("a large blue 7 left of a small green 1"); a scene has several phrasings
@@ -60,6 +61,10 @@ MIN_IMAGE_SIZE = 32
 GENERATOR_VERSION = "captioned-digits-v1"
 
 MAX_DIGITS = (1, 2)
+# The largest digit_scale per max_digits: two digits keep their gap at 1; one digit of the large size fills 76% of
+# the canvas at 2 (and stays inside it: positions are clamped).
+MAX_DIGIT_SCALE = {1: 2.0, 2: 1.0}
+MIN_DIGIT_SCALE = 0.5
 _TWO_DIGIT_SHARE = 2 / 3  # relations are what text conditioning finds hardest, so most scenes have two digits
 _NEAR, _FAR = 0.24, 0.76  # centres of the two digits along the relation's axis: large digits keep a clear gap
 _AXIS_JITTER, _CROSS_JITTER, _SINGLE_JITTER = 0.01, 0.10, 0.12  # fractions of the canvas side
@@ -274,18 +279,18 @@ def scale_ink(ink: torch.Tensor, extent: int) -> torch.Tensor:
     return F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0]
 
 
-def digit_extent(size: str, image_size: int) -> int:
+def digit_extent(size: str, image_size: int, digit_scale: float = 1.0) -> int:
     """The longer side, in pixels, of a digit of ``size`` on a canvas of ``image_size``."""
-    return max(1, round(SIZES[size] * image_size))
+    return max(1, round(SIZES[size] * digit_scale * image_size))
 
 
-def render_scene(scene: Scene, image_size: int) -> torch.Tensor:
-    """uint8 (3, image_size, image_size): each digit tinted by its colour on black; where two would overlap the
-    brighter wins (they do not add up to a colour of neither)."""
+def render_scene(scene: Scene, image_size: int, digit_scale: float = 1.0) -> torch.Tensor:
+    """uint8 (3, image_size, image_size): each digit tinted by its colour on black, ``digit_scale`` times its
+    size's extent; where two would overlap the brighter wins (they do not add up to a colour of neither)."""
     canvas = torch.zeros(3, image_size, image_size)
     inks = digit_ink()
     for facts, source, (x, y) in zip(scene.facts.digits, scene.sources, scene.centres):
-        patch = scale_ink(inks[source], digit_extent(facts.size, image_size))
+        patch = scale_ink(inks[source], digit_extent(facts.size, image_size, digit_scale))
         height, width = patch.shape
         top = min(max(round(y * image_size - height / 2), 0), image_size - height)
         left = min(max(round(x * image_size - width / 2), 0), image_size - width)
@@ -299,8 +304,9 @@ class CaptionedDigitScenes:
     """The data source: ``num_scenes`` scenes of ``dataset_scene(seed, i)``, rendered at ``image_size`` per item;
     label = the first digit's class."""
 
-    def __init__(self, num_scenes: int, image_size: int, seed: int, max_digits: int = 2):
-        self.num_scenes, self.image_size, self.seed, self.max_digits = num_scenes, image_size, seed, max_digits
+    def __init__(self, num_scenes: int, image_size: int, seed: int, max_digits: int = 2, digit_scale: float = 1.0):
+        self.num_scenes, self.image_size, self.seed = num_scenes, image_size, seed
+        self.max_digits, self.digit_scale = max_digits, digit_scale
 
     def __len__(self) -> int:
         return self.num_scenes
@@ -314,7 +320,7 @@ class CaptionedDigitScenes:
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         scene = self.scene(index)
-        return render_scene(scene, self.image_size), scene.facts.digits[0].digit
+        return render_scene(scene, self.image_size, self.digit_scale), scene.facts.digits[0].digit
 
     def captions(self, index: int) -> list[str]:
         return scene_captions(self.scene(index).facts)
@@ -340,6 +346,7 @@ class CaptionedDigitsDataModule(ImageDataModule):
         seed: int = 0,
         channels: int = 3,
         max_digits: int = 2,
+        digit_scale: float = 1.0,
     ):
         if channels != 3:
             raise ConfigError(f"data.channels must be 3 for captioned_digits (colours are in the captions), "
@@ -348,6 +355,9 @@ class CaptionedDigitsDataModule(ImageDataModule):
             raise ConfigError("data.flip must be false for captioned_digits: a mirrored digit is not a digit")
         if max_digits not in MAX_DIGITS:
             raise ConfigError(f"data.max_digits must be 1 or 2 for captioned_digits, got {max_digits}")
+        if not MIN_DIGIT_SCALE <= digit_scale <= MAX_DIGIT_SCALE[max_digits]:
+            raise ConfigError(f"data.digit_scale must be between {MIN_DIGIT_SCALE} and {MAX_DIGIT_SCALE[max_digits]} "
+                              f"with data.max_digits={max_digits} (two digits must keep their gap), got {digit_scale}")
         if num_scenes < 2:
             raise ConfigError(f"data.num_scenes must be at least 2, got {num_scenes}")
         if image_size < MIN_IMAGE_SIZE:
@@ -356,10 +366,10 @@ class CaptionedDigitsDataModule(ImageDataModule):
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          val_fraction=val_fraction, flip=flip, seed=seed)
         self.name = "captioned_digits"
-        self.num_scenes, self.max_digits = num_scenes, max_digits
+        self.num_scenes, self.max_digits, self.digit_scale = num_scenes, max_digits, float(digit_scale)
 
     def _load_source(self) -> CaptionedDigitScenes:
-        return CaptionedDigitScenes(self.num_scenes, self.image_size, self.seed, self.max_digits)
+        return CaptionedDigitScenes(self.num_scenes, self.image_size, self.seed, self.max_digits, self.digit_scale)
 
     def _source_identity(self) -> dict[str, Any]:
         return {
@@ -371,5 +381,7 @@ class CaptionedDigitsDataModule(ImageDataModule):
             "sizes": dict(SIZES),
             "held_out_pairs": [list(pair) for pair in HELD_OUT_PAIRS],
             "generator": GENERATOR_VERSION,
-            **({"max_digits": self.max_digits} if self.max_digits != 2 else {}),  # earlier caches keep their key
+            # only when not the defaults: caches written before these options keep their keys
+            **({"max_digits": self.max_digits} if self.max_digits != 2 else {}),
+            **({"digit_scale": self.digit_scale} if self.digit_scale != 1.0 else {}),
         }

@@ -216,7 +216,7 @@ def _colour_name(rgb: torch.Tensor) -> str:
     return _PALETTE_NAMES[int(torch.cdist(direction[None], _PALETTE_DIRECTIONS).argmin())]
 
 
-def _read_region(image: torch.Tensor, grey: torch.Tensor, region: torch.Tensor) -> dict[str, Any]:
+def _read_region(image: torch.Tensor, grey: torch.Tensor, region: torch.Tensor, digit_scale: float) -> dict[str, Any]:
     """Colour, size, centre and reader crop of one region (bool (H, W)) of ``image`` (3, H, W)."""
     ink = region & (grey >= _THRESHOLD)
     rows, cols = torch.nonzero(ink, as_tuple=True)
@@ -228,15 +228,16 @@ def _read_region(image: torch.Tensor, grey: torch.Tensor, region: torch.Tensor) 
     patch = (grey * region)[top:bottom, left:right]
     return {
         "colour": _colour_name(rgb),
-        "size": "large" if extent / grey.shape[-1] >= _SIZE_SPLIT else "small",
+        "size": "large" if extent / grey.shape[-1] >= _SIZE_SPLIT * digit_scale else "small",
         "centre": (float((cols * weights).sum() / weights.sum()), float((rows * weights).sum() / weights.sum())),
         "crop": reader_crop(patch),
         "area": len(rows),
     }
 
 
-def find_digits(images: torch.Tensor, reader: DigitReader) -> list[list[dict[str, Any]]]:
-    """For each image, its digits (largest first): ``{"digit", "colour", "size", "centre" (x, y) px, "area"}``."""
+def find_digits(images: torch.Tensor, reader: DigitReader, digit_scale: float = 1.0) -> list[list[dict[str, Any]]]:
+    """For each image, its digits (largest first): ``{"digit", "colour", "size", "centre" (x, y) px, "area"}``;
+    sizes are read relative to the data's ``digit_scale``."""
     images = _to_unit(images)
     grey = images.amax(1)
     mask = grey >= _THRESHOLD
@@ -249,7 +250,7 @@ def find_digits(images: torch.Tensor, reader: DigitReader) -> list[list[dict[str
     found = []
     for image, image_grey, image_labels in zip(images, grey, labels):
         ids = torch.unique(image_labels[image_labels > 0]).tolist()
-        regions = [_read_region(image, image_grey, image_labels == i) for i in ids]
+        regions = [_read_region(image, image_grey, image_labels == i, digit_scale) for i in ids]
         regions = sorted((r for r in regions if r["area"] >= min_area), key=lambda r: -r["area"])
         found.append(regions)
     crops = [r["crop"] for regions in found for r in regions]
@@ -314,8 +315,10 @@ def _share(values: list[Optional[bool]]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def score_prompts(images: torch.Tensor, prompts: Sequence[str], reader: DigitReader) -> dict[str, Any]:
-    """Prompt accuracy of ``images`` (uint8 or float in [-1, 1], (N, 3, H, W)) against their ``prompts``.
+def score_prompts(images: torch.Tensor, prompts: Sequence[str], reader: DigitReader,
+                  digit_scale: float = 1.0) -> dict[str, Any]:
+    """Prompt accuracy of ``images`` (uint8 or float in [-1, 1], (N, 3, H, W)) against their ``prompts``, for a
+    model trained on captioned digits with ``data.digit_scale`` = ``digit_scale``.
 
     Returns ``n``, the share of right ``digit`` / ``colour`` / ``size`` facts (over the prompts' digits),
     ``relation`` (over two-digit prompts; None without any), ``count`` (right number of digits), ``all`` (every
@@ -325,7 +328,7 @@ def score_prompts(images: torch.Tensor, prompts: Sequence[str], reader: DigitRea
         raise DataError(f"prompt accuracy needs one prompt per image, got {len(images)} images and "
                         f"{len(prompts)} prompts")
     facts = [parse_caption(prompt) for prompt in prompts]  # bad prompts fail before any image is read
-    per_image = [score_image(f, regions) for f, regions in zip(facts, find_digits(images, reader))]
+    per_image = [score_image(f, regions) for f, regions in zip(facts, find_digits(images, reader, digit_scale))]
     result: dict[str, Any] = {"n": len(per_image)}
     for fact in _FACTS + ("all",):
         values = [check.get(fact) for check in per_image]
