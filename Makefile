@@ -21,7 +21,7 @@ quickstart-text: install
 	$(PYTHON) -m lightning_ldm experiment=txt2img-digits-cpu-autoencoder run_name=quickstart-text
 	$(PYTHON) -m lightning_ldm experiment=txt2img-digits-cpu run_name=quickstart-text
 	$(PYTHON) -m lightning_ldm stage=sample run_name=quickstart-text sample.guidance_scale=3 sample.num_samples=16 \
-	  sample.prompts='["a red 3","a blue 7","a large green 1 left of a small yellow 4","a small white 0 above a large red 9"]'
+	  sample.prompts='["a red 3","a small blue 7","a large green 1","a small white 0","a large yellow 5","a magenta 9"]'
 
 # The test suite that CI runs (.ci/run); slow end-to-end checks are marked and run by `make test-all`.
 test: install

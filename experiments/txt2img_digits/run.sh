@@ -10,7 +10,7 @@
 #   bash experiments/txt2img_digits/run.sh                  # every phase (about 11 minutes on an H100:
 #   bash experiments/txt2img_digits/run.sh ae ldm           #   two device calls, the second at once on the warm
 #   SKIP_INSTALL=1 bash experiments/txt2img_digits/run.sh sample score     # machine, which keeps outputs/)
-#   DEVICE=cpu AE_SECONDS=180 TRAIN_SECONDS=420 bash experiments/txt2img_digits/run.sh   # the CPU quickstart
+#   DEVICE=cpu AE_SECONDS=150 TRAIN_SECONDS=450 bash experiments/txt2img_digits/run.sh   # the CPU quickstart
 # Environment: OUT (/tmp/out), WORK (outputs/txt2img_digits), DEVICE (gpu | cpu), SIZE (64; 32 on the CPU), AE_SECONDS (180),
 # TRAIN_SECONDS (300), AE_EXPERIMENT, LDM_EXPERIMENT (the -cpu presets on the CPU), AE_ARGS, LDM_ARGS (extra overrides),
 # MAX_DIGITS (2; 1 on the CPU), DIGIT_SCALE (1; 2 on the CPU), COUNT (200), REPEATS (3), GUIDANCE (3), SMOKE=1 (tiny sizes, a check of the commands).
