@@ -15,13 +15,13 @@ quickstart: install
 	$(PYTHON) -m lightning_ldm stage=diffusion run_name=quickstart
 	$(PYTHON) -m lightning_ldm stage=sample run_name=quickstart
 
-# Text to image on captioned digit scenes, on a CPU (about 15 minutes on 2 cores): stage 1, stage 2, then samples
-# of prompts with seen and held-out (digit, colour) pairs.
+# Text to image on captioned digit scenes, on a CPU (about 11 minutes on 2 cores): stage 1, stage 2, then samples
+# of prompts that state size, colour and digit as the training captions do.
 quickstart-text: install
 	$(PYTHON) -m lightning_ldm experiment=txt2img-digits-cpu-autoencoder run_name=quickstart-text
 	$(PYTHON) -m lightning_ldm experiment=txt2img-digits-cpu run_name=quickstart-text
 	$(PYTHON) -m lightning_ldm stage=sample run_name=quickstart-text sample.guidance_scale=3 sample.num_samples=16 \
-	  sample.prompts='["a red 3","a small blue 7","a large green 1","a small white 0","a large yellow 5","a magenta 9"]'
+	  sample.prompts='["a large red 3","a small blue 7","a large green 1","a small white 0","a large yellow 5","a large magenta 9"]'
 
 # The test suite that CI runs (.ci/run); slow end-to-end checks are marked and run by `make test-all`.
 test: install
