@@ -4,9 +4,9 @@ Text-to-image models need images whose captions can be checked. No captioned pho
 so each image is a scene composed from the 5,000 embedded MNIST digits (``lightning_ldm.data.digits``) on a
 black RGB canvas, and its captions are written from the scene's facts:
 
-- one or two digits (``max_digits`` 1: always one); each has a digit class, a colour of ``PALETTE`` (colours far apart in RGB, so that they can
-  be read back from pixels) and a size of ``SIZES`` (two clearly different scales; ``digit_scale`` scales both,
-  up to 2 when every scene has one digit, as small canvases need);
+- one or two digits (``max_digits`` 1: always one); each has a digit class, a colour of ``PALETTE`` (colours
+  far apart in RGB, so that they can be read back from pixels) and a size of ``SIZES`` (two clearly different
+  scales; ``digit_scale`` scales both, up to 2 when every scene has one digit, as small canvases need);
 - two digits stand in a relation of ``RELATIONS`` (left of / right of / above / below) that fixes where they are,
   with a little jitter;
 - every caption states every fact ("a large blue 7 left of a small green 1"); a scene has several phrasings
@@ -60,9 +60,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 MIN_IMAGE_SIZE = 32
 GENERATOR_VERSION = "captioned-digits-v1"
 
-MAX_DIGITS = (1, 2)
-# The largest digit_scale per max_digits: two digits keep their gap at 1; one digit of the large size fills 76% of
-# the canvas at 2 (and stays inside it: positions are clamped).
+# The digit counts a scene may be limited to (max_digits), each with its largest digit_scale: two digits keep their
+# gap at 1; one digit of the large size fills 76% of the canvas at 2 (and stays inside it: positions are clamped).
 MAX_DIGIT_SCALE = {1: 2.0, 2: 1.0}
 MIN_DIGIT_SCALE = 0.5
 _TWO_DIGIT_SHARE = 2 / 3  # relations are what text conditioning finds hardest, so most scenes have two digits
@@ -353,7 +352,7 @@ class CaptionedDigitsDataModule(ImageDataModule):
                               f"got {channels}")
         if flip:
             raise ConfigError("data.flip must be false for captioned_digits: a mirrored digit is not a digit")
-        if max_digits not in MAX_DIGITS:
+        if max_digits not in MAX_DIGIT_SCALE:
             raise ConfigError(f"data.max_digits must be 1 or 2 for captioned_digits, got {max_digits}")
         if not MIN_DIGIT_SCALE <= digit_scale <= MAX_DIGIT_SCALE[max_digits]:
             raise ConfigError(f"data.digit_scale must be between {MIN_DIGIT_SCALE} and {MAX_DIGIT_SCALE[max_digits]} "
